@@ -24,8 +24,14 @@ DEMO = "demo:probe_chats"
 REQUIRED = {
     ("model", "hf"): ["model.path=some-org/some-model"],
     ("data", "chat_file"): [f"data.components.chat.source={DEMO}"],
-    ("data", "safety_sft"): [f"data.components.safety.source={DEMO}", f"data.components.utility.source={DEMO}"],
-    ("data", "safety_recovery"): [f"data.components.safety.source={DEMO}", f"data.components.utility.source={DEMO}"],
+    ("data", "safety_sft"): [
+        f"data.components.safety.source={DEMO}",
+        f"data.components.utility.source={DEMO}",
+    ],
+    ("data", "safety_recovery"): [
+        f"data.components.safety.source={DEMO}",
+        f"data.components.utility.source={DEMO}",
+    ],
     ("data", "attack_harmful"): [f"data.components.harmful.source={DEMO}"],
     ("data", "attack_identity_shift"): [f"data.components.aoa.source={DEMO}"],
     ("data", "attack_backdoor"): [f"data.components.clean.source={DEMO}"],
@@ -47,7 +53,8 @@ def test_every_group_option_composes_and_validates(path: Path):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_preset_composes_and_validates(name: str):
-    config = validate(compose_config([f"experiment={name}"]))
+    data = compose_config([f"experiment={name}"]).data.name
+    config = validate(compose_config([f"experiment={name}", *REQUIRED.get(("data", data), [])]))
     assert config.stages, "a preset must run at least one stage"
 
 

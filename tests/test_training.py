@@ -264,17 +264,21 @@ def test_lora_training_saves_adapter_and_merged_model(chat_file, tmp_path):
     cfg = tiny_config(
         chat_file,
         "train=lora",
+        "stages=[train,probe]",
         "train.max_steps=6",
         "train.optimizer.lr=1e-2",
         f"paths.cache_dir={tmp_path / 'cache'}",
     )
     metrics = cli.run(cfg, tmp_path / "run")
     assert metrics["train/last_loss"] < metrics["train/first_loss"]
+    assert metrics["probe/target_tokens"] > 0
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
-def test_deepspeed_zero2_single_process_on_cpu_trains(chat_file, tmp_path):
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_single_process_on_cpu_trains_then_evaluates(chat_file, tmp_path, stage):
+    """ZeRO-2 / ZeRO-3 through the Trainer (gloo, one process); the probe stage then loads the saved model."""
     env = {
         **os.environ,
         "RANK": "0",
@@ -287,11 +291,13 @@ def test_deepspeed_zero2_single_process_on_cpu_trains(chat_file, tmp_path):
         chat_file,
         tmp_path / "run",
         tmp_path / "cache",
-        "train.deepspeed=zero2",
+        f"train.deepspeed={stage}",
         "train.optimizer.lr=5e-3",
         "loss=sft",
+        "stages=[train,probe]",
     )
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-4000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["train/last_loss"] < metrics["train/first_loss"]
+    assert metrics["probe/target_tokens"] > 0

@@ -88,6 +88,10 @@ def run_train(ctx) -> dict[str, float]:
     if losses:
         metrics.update({"train/first_loss": round(losses[0], 6), "train/last_loss": round(losses[-1], 6)})
     save_trained(trainer, tokenizer, cfg.train, ctx.run_dir)
+    if cfg.train.deepspeed:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # else later from_pretrained calls would partition weights (ZeRO-3)
     ctx.forget_model()  # later stages load the saved model
     return {**stats, **metrics}
 
