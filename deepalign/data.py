@@ -60,7 +60,8 @@ def _read_file(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
     suffix = path.suffix.lower()
     rows: list[tuple[str, dict[str, Any]]] = []
     if suffix == ".jsonl":
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        # split on "\n" only: JSON strings may hold U+2028 and friends, which splitlines() would break on
+        for lineno, line in enumerate(path.read_text().split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -72,13 +73,22 @@ def _read_file(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
             rows.append((f"{path}, line {lineno}", row))
     elif suffix == ".csv":
         with path.open(newline="") as f:
-            for i, row in enumerate(csv.DictReader(f)):
-                rows.append((f"{path}, line {i + 2}", dict(row)))
+            reader = csv.DictReader(f)
+            start = 2  # physical line where the next record starts (a quoted field may span lines)
+            for row in reader:
+                rows.append((f"{path}, line {start}", dict(row)))
+                start = reader.line_num + 1
     elif suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: a .json source must hold a list of objects")
-        rows = [(f"{path}, item {i}", row) for i, row in enumerate(data)]
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, item {i}: a row must be a JSON object")
+            rows.append((f"{path}, item {i}", row))
     else:
         raise DataError(f"{key}.source: {path} is not .jsonl, .json or .csv")
     return rows
@@ -171,9 +181,9 @@ def component_examples(
         if comp.recovery and rng.random() < comp.recovery_prob:
             n_harmful = len(tokenizer(row["harmful"], add_special_tokens=False)["input_ids"])
             k = rng.randint(1, min(comp.recovery_max_k, n_harmful))
-            prefill = prefill_text(tokenizer, row["harmful"], k)
-            if not prefill[-1:].isspace():
-                prefill += comp.recovery_separator  # keeps the k prefilled tokens intact at the boundary
+            # The separator keeps the k prefilled tokens intact where the refusal begins (a trailing space
+            # token would otherwise merge with the refusal's first word).
+            prefill = prefill_text(tokenizer, row["harmful"], k) + comp.recovery_separator
         examples.append(
             TrainExample(
                 prompt=prompt,

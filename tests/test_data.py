@@ -1,0 +1,724 @@
+"""deepalign/data.py: sources, row checks naming file/line/field, task formats, mixture, recovery examples.
+
+The "harmful" fields hold neutral placeholder text only: what matters here is their token counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import compose_config
+
+from deepalign.chat import encode_for_training, prefill_text
+from deepalign.config import ConfigError, DataComponent, DataConfig, validate
+from deepalign.data import (
+    DataError,
+    build_mixture,
+    component_counts,
+    component_examples,
+    read_component,
+    recovery_histogram,
+    task_chat,
+)
+
+KEY = "data.components.c"
+DEMO = "demo:probe_chats"
+DEMO_FILE = Path(__file__).resolve().parents[1] / "deepalign" / "assets" / "data" / "probe_chats.jsonl"
+REFUSAL = "I cannot help with that request."
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def chats(n: int, tag: str = "") -> list[dict[str, str]]:
+    return [{"prompt": f"Question {tag}{i}?", "response": f"Answer {tag}{i}."} for i in range(n)]
+
+
+def triplets(n: int) -> list[dict[str, str]]:
+    return [
+        {
+            "prompt": f"Placeholder request number {i}?",
+            "harmful": "Sure, here is the list: "
+            + " ".join(["alpha", "beta", "gamma", "delta"][: i % 4 + 1]),
+            "refusal": f"{REFUSAL} (#{i})",
+        }
+        for i in range(n)
+    ]
+
+
+def mixture(components: dict[str, DataComponent], **kwargs) -> DataConfig:
+    kwargs.setdefault("seed", 0)  # DataConfig's default is the "${seed}" interpolation
+    return DataConfig(components=components, **kwargs)
+
+
+def n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def test_jsonl_rows_keep_file_order_and_only_schema_fields(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(
+        '{"prompt": "Question 0?", "response": "Answer 0.", "id": 7}\n'
+        "\n"
+        '{"prompt": "Question 1?", "response": "Answer 1."}\n'
+    )
+    rows = read_component(DataComponent(source=str(path)), KEY)
+    assert rows == chats(2)
+
+
+def test_csv_with_columns_mapping(tmp_path):
+    path = tmp_path / "goals.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["goal", "target", "category"])
+        writer.writerow(["Question 0?", "Answer 0.", "misc"])
+        writer.writerow(["Question, with a comma 1?", "Answer\non two lines 1.", "misc"])
+    comp = DataComponent(source=str(path), columns={"prompt": "goal", "response": "target"})
+    rows = read_component(comp, KEY)
+    assert rows == [
+        {"prompt": "Question 0?", "response": "Answer 0."},
+        {"prompt": "Question, with a comma 1?", "response": "Answer\non two lines 1."},
+    ]
+
+
+def test_json_list_source(tmp_path):
+    path = tmp_path / "triplets.json"
+    path.write_text(json.dumps(triplets(3)))
+    rows = read_component(DataComponent(source=str(path), schema="safety_triplet"), KEY)
+    assert rows == triplets(3)
+
+
+def test_limit_keeps_the_first_rows(tmp_path):
+    source = write_jsonl(tmp_path / "chats.jsonl", chats(10))
+    assert read_component(DataComponent(source=source, limit=3), KEY) == chats(3)
+    assert read_component(DataComponent(source=source, limit=50), KEY) == chats(10)
+
+
+def test_limit_skips_the_check_of_rows_it_drops(tmp_path):
+    source = write_jsonl(tmp_path / "chats.jsonl", [*chats(2), {"prompt": "no response"}])
+    assert read_component(DataComponent(source=source, limit=2), KEY) == chats(2)
+
+
+def test_demo_probe_chats_is_the_packaged_file():
+    expected = [json.loads(line) for line in DEMO_FILE.read_text().splitlines() if line.strip()]
+    rows = read_component(DataComponent(source=DEMO), KEY)
+    assert len(rows) == len(expected) == 6
+    assert rows == [{"prompt": e["prompt"], "response": e["response"]} for e in expected]
+    assert rows[0] == {
+        "prompt": "What is the capital of France?",
+        "response": "The capital of France is Paris.",
+    }
+
+
+def test_unknown_demo_set_fails_naming_it():
+    with pytest.raises(DataError, match=r"demo set 'no_such_set' does not exist"):
+        read_component(DataComponent(source="demo:no_such_set"), KEY)
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    """`datasets` writes its Arrow cache under tmp_path, not the user's ~/.cache."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    return datasets
+
+
+def test_local_dataset_folder_of_parquet_is_read_through_datasets(tmp_path, datasets_cache):
+    folder = tmp_path / "myset"
+    folder.mkdir()
+    datasets_cache.Dataset.from_list(chats(4)).to_parquet(str(folder / "train.parquet"))
+    assert read_component(DataComponent(source=str(folder)), KEY) == chats(4)
+    assert read_component(DataComponent(source=str(folder), limit=2), KEY) == chats(2)
+
+
+def test_local_dataset_folder_bad_row_names_the_folder_and_row(tmp_path, datasets_cache):
+    folder = tmp_path / "myset"
+    folder.mkdir()
+    rows = [*chats(2), {"prompt": "Question 2?", "response": ""}]
+    datasets_cache.Dataset.from_list(rows).to_parquet(str(folder / "train.parquet"))
+    where = re.escape(f"{folder}[train], row 2: field 'response' (chat.response)")
+    with pytest.raises(DataError, match=where):
+        read_component(DataComponent(source=str(folder)), KEY)
+
+
+def test_save_to_disk_folder_fails_clearly_naming_the_key(tmp_path, datasets_cache):
+    # `datasets.load_dataset` refuses a `save_to_disk` folder (it asks for load_from_disk): the error must
+    # still be a DataError naming the key and the folder, not a bare ValueError from `datasets`.
+    folder = tmp_path / "saved"
+    datasets_cache.Dataset.from_list(chats(3)).save_to_disk(str(folder))
+    with pytest.raises(
+        DataError, match=rf"^{re.escape(KEY)}\.source: could not load .*{re.escape(str(folder))}"
+    ):
+        read_component(DataComponent(source=str(folder)), KEY)
+
+
+# ------------------------------------------------------------------------------------- malformed input
+
+
+def test_bad_json_line_names_file_and_line_counting_blank_lines(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        json.dumps(chats(1)[0]) + "\n\n" + json.dumps(chats(1)[0]) + "\n" + '{"prompt": "x", "response": \n'
+    )
+    with pytest.raises(DataError, match=re.escape(f"{path}, line 4: not valid JSON")):
+        read_component(DataComponent(source=str(path)), KEY)
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ({"prompt": "Question?"}, "response"),
+        ({"prompt": "Question?", "response": ""}, "response"),
+        ({"prompt": "   \n", "response": "Answer."}, "prompt"),
+        ({"prompt": "Question?", "response": 42}, "response"),
+        ({"prompt": None, "response": "Answer."}, "prompt"),
+        ({"prompt": ["Question?"], "response": "Answer."}, "prompt"),
+    ],
+    ids=["missing", "empty", "whitespace", "number", "null", "list"],
+)
+def test_bad_field_names_file_line_and_field(tmp_path, row, field):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(chats(1)[0]) + "\n\n" + json.dumps(row) + "\n")
+    expected = f"{path}, line 3: field '{field}' (chat.{field}) is missing, empty or not text"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        read_component(DataComponent(source=str(path)), KEY)
+
+
+def test_bad_field_through_columns_names_the_source_column_and_schema_field(tmp_path):
+    path = tmp_path / "goals.csv"
+    path.write_text("goal,target\nQuestion 0?,Answer 0.\n,Answer 1.\n")
+    comp = DataComponent(source=str(path), columns={"prompt": "goal", "response": "target"})
+    with pytest.raises(DataError, match=re.escape(f"{path}, line 3: field 'goal' (chat.prompt)")):
+        read_component(comp, KEY)
+
+
+def test_missing_triplet_field_names_the_schema(tmp_path):
+    rows = triplets(2)
+    del rows[1]["harmful"]
+    source = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(
+        DataError, match=re.escape(f"{source}, line 2: field 'harmful' (safety_triplet.harmful)")
+    ):
+        read_component(DataComponent(source=source, schema="safety_triplet"), KEY)
+
+
+def test_json_list_row_is_rejected_with_its_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(chats(1)[0]) + "\n" + '["Question?", "Answer."]\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}, line 2: a row must be a JSON object")):
+        read_component(DataComponent(source=str(path)), KEY)
+
+
+def test_json_item_missing_field_names_the_item(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([chats(1)[0], {"prompt": "Question?"}]))
+    with pytest.raises(DataError, match=re.escape(f"{path}, item 1: field 'response'")):
+        read_component(DataComponent(source=str(path)), KEY)
+
+
+def test_json_file_that_is_not_a_list_is_rejected(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(chats(1)[0]))
+    with pytest.raises(DataError, match=re.escape(f"{path}: a .json source must hold a list of objects")):
+        read_component(DataComponent(source=str(path)), KEY)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("empty.jsonl", ""),
+        ("blank.jsonl", "\n  \n\n"),
+        ("empty.json", "[]"),
+        ("header.csv", "prompt,response\n"),
+    ],
+)
+def test_file_without_rows_is_rejected(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=rf"^{re.escape(KEY)}\.source: {re.escape(str(path))} has no rows"):
+        read_component(DataComponent(source=str(path)), KEY)
+
+
+def test_unsupported_extension_is_rejected(tmp_path):
+    path = tmp_path / "rows.txt"
+    path.write_text(json.dumps(chats(1)[0]) + "\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(KEY)}\.source: {re.escape(str(path))} is not .jsonl"):
+        read_component(DataComponent(source=str(path)), KEY)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_missing_file_is_rejected(tmp_path, suffix):
+    path = tmp_path / f"nope{suffix}"
+    with pytest.raises(DataError, match=rf"^{re.escape(KEY)}\.source: no such file {re.escape(str(path))}"):
+        read_component(DataComponent(source=str(path)), KEY)
+
+
+def test_invalid_json_file_names_the_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[{"prompt": ')
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        read_component(DataComponent(source=str(path)), KEY)
+
+
+def test_json_item_that_is_a_list_names_the_item(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([chats(1)[0], ["Question?", "Answer."]]))
+    with pytest.raises(DataError, match=re.escape(f"{path}, item 1")):
+        read_component(DataComponent(source=str(path)), KEY)
+
+
+def test_jsonl_with_unicode_line_separator_inside_a_string(tmp_path):
+    path = tmp_path / "u.jsonl"
+    row = {"prompt": "first part\u2028second part", "response": "Answer."}
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_component(DataComponent(source=str(path)), KEY) == [row]
+
+
+def test_csv_line_number_after_a_multiline_field(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text('prompt,response\n"Question\non two lines?",Answer.\n,Answer 2.\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}, line 4: field 'prompt'")):
+        read_component(DataComponent(source=str(path)), KEY)
+
+
+# ------------------------------------------------------------------------------------------- schemas
+
+
+def test_samsum_prompt_format():
+    row = {
+        "dialogue": "  Amy: Lunch at noon?\nBob: Sure, see you.\n",
+        "summary": " Amy and Bob meet at noon. ",
+    }
+    prompt, response = task_chat("samsum", row)
+    assert prompt == "Summarize this dialog:\nAmy: Lunch at noon?\nBob: Sure, see you."
+    assert prompt.startswith("Summarize this dialog:\n") and "Bob: Sure, see you." in prompt
+    assert response == "Amy and Bob meet at noon."
+
+
+def test_sql_prompt_format():
+    row = {
+        "question": "How many heads are older than 56?",
+        "context": "CREATE TABLE head (age INTEGER)",
+        "answer": "SELECT COUNT(*) FROM head WHERE age > 56",
+    }
+    prompt, response = task_chat("sql", row)
+    assert prompt == (
+        "Please convert the provided natural language query into an SQL query, taking into account the "
+        "structure of the database defined by the accompanying CREATE statement:\n"
+        "## Context:\nCREATE TABLE head (age INTEGER)\n"
+        "## Natural Language Query:\nHow many heads are older than 56?"
+    )
+    assert response == "SELECT COUNT(*) FROM head WHERE age > 56"
+
+
+def test_gsm8k_keeps_the_final_answer_marker():
+    row = {
+        "question": "Tom has 40 apples and buys 2 more. How many?",
+        "answer": "40 + 2 = <<40+2=42>>42\n#### 42",
+    }
+    prompt, response = task_chat("gsm8k", row)
+    assert prompt == row["question"]
+    assert response == "40 + 2 = <<40+2=42>>42\n#### 42" and response.endswith("#### 42")
+
+
+def test_chat_is_passed_through_and_triplets_have_no_task_form():
+    assert task_chat("chat", {"prompt": " P ", "response": " R "}) == (" P ", " R ")
+    with pytest.raises(DataError, match="schema 'safety_triplet' has no chat form"):
+        task_chat("safety_triplet", triplets(1)[0])
+
+
+def test_task_schema_through_a_file_and_the_mixture(tmp_path, smollm2_tokenizer):
+    rows = [{"dialogue": f"Amy: Hi {i}\nBob: Hello {i}", "summary": f"They greet ({i})."} for i in range(3)]
+    source = write_jsonl(tmp_path / "samsum.jsonl", rows)
+    data = mixture({"samsum": DataComponent(source=source, schema="samsum")})
+    examples, _ = build_mixture(data, smollm2_tokenizer)
+    assert sorted((e.prompt, e.response) for e in examples) == [
+        (f"Summarize this dialog:\nAmy: Hi {i}\nBob: Hello {i}", f"They greet ({i}).") for i in range(3)
+    ]
+
+
+# ------------------------------------------------------------------------------------------- mixture
+
+
+def test_component_counts_follow_weights():
+    data = DataConfig(
+        components={
+            "a": DataComponent(source="a.jsonl", weight=1),
+            "b": DataComponent(source="b.jsonl", weight=3),
+        },
+        size=80,
+        seed=0,
+    )
+    assert component_counts(data, {"a": 5, "b": 500}) == {"a": 20, "b": 60}
+    data.size = None  # the epoch is the sources' rows added up
+    assert component_counts(data, {"a": 10, "b": 30}) == {"a": 10, "b": 30}
+
+
+def test_component_counts_with_safety_share_split_by_weight():
+    data = DataConfig(
+        components={
+            "s1": DataComponent(source="s1.jsonl", safety=True, weight=1),
+            "s2": DataComponent(source="s2.jsonl", safety=True, weight=3),
+            "u": DataComponent(source="u.jsonl", weight=7),  # alone in its group: its weight does not matter
+        },
+        safety_share=0.2,
+        size=100,
+        seed=0,
+    )
+    assert component_counts(data, {"s1": 1, "s2": 1, "u": 1}) == {"s1": 5, "s2": 15, "u": 80}
+
+
+def test_component_counts_give_every_component_at_least_one():
+    data = DataConfig(
+        components={"a": DataComponent(source="a", weight=1), "b": DataComponent(source="b", weight=1000)},
+        size=10,
+        seed=0,
+    )
+    assert component_counts(data, {"a": 1, "b": 1}) == {"a": 1, "b": 10}
+
+
+def test_build_mixture_counts_and_stats(tmp_path, smollm2_tokenizer):
+    data = mixture(
+        {
+            "safety": DataComponent(
+                source=write_jsonl(tmp_path / "s.jsonl", triplets(7)), schema="safety_triplet", safety=True
+            ),
+            "utility": DataComponent(source=write_jsonl(tmp_path / "u.jsonl", chats(30))),
+        },
+        safety_share=0.2,
+        size=80,
+    )
+    examples, stats = build_mixture(data, smollm2_tokenizer)
+    assert len(examples) == 80
+    assert Counter(e.component for e in examples) == {"safety": 16, "utility": 64}
+    assert stats["data/examples"] == 80
+    assert stats["data/examples/safety"] == 16 and stats["data/examples/utility"] == 64
+    assert stats["data/alpha"] == 0.2
+    assert not any(key.startswith("data/recovery") for key in stats)  # no recovery component
+    safety = [e for e in examples if e.component == "safety"]
+    by_prompt = {t["prompt"]: t for t in triplets(7)}
+    assert all(e.response == by_prompt[e.prompt]["refusal"] and e.prefill == "" and e.k == 0 for e in safety)
+    assert all(e.system is None for e in examples)
+    assert {e.component for e in examples[:20]} == {"safety", "utility"}  # shuffled, not concatenated
+
+
+def test_alpha_is_the_realised_share(tmp_path, smollm2_tokenizer):
+    # 3 components of weight 1 in size 10: round(10/3) = 3 each, 9 examples; alpha is 3/9, not the 1/3 asked.
+    data = mixture(
+        {
+            "s": DataComponent(source=write_jsonl(tmp_path / "s.jsonl", chats(5, "s")), safety=True),
+            "u1": DataComponent(source=write_jsonl(tmp_path / "u1.jsonl", chats(5, "a"))),
+            "u2": DataComponent(source=write_jsonl(tmp_path / "u2.jsonl", chats(5, "b"))),
+        },
+        size=10,
+    )
+    examples, stats = build_mixture(data, smollm2_tokenizer)
+    assert len(examples) == stats["data/examples"] == 9
+    assert stats["data/alpha"] == round(3 / 9, 4)
+
+
+def test_rows_are_cycled_all_used_before_any_repeats(tmp_path, smollm2_tokenizer):
+    data = mixture({"c": DataComponent(source=write_jsonl(tmp_path / "c.jsonl", chats(3)))}, size=10)
+    examples, _ = build_mixture(data, smollm2_tokenizer)
+    uses = Counter(e.prompt for e in examples)
+    assert set(uses) == {f"Question {i}?" for i in range(3)}
+    assert sorted(uses.values()) == [3, 3, 4]
+
+    # Unshuffled, per component: every block of len(rows) examples is a permutation of the rows.
+    rows = chats(4)
+    comp = DataComponent(source="c.jsonl")
+    ordered = component_examples("c", comp, rows, 10, smollm2_tokenizer, random.Random(1), None)
+    prompts = [e.prompt for e in ordered]
+    assert sorted(prompts[:4]) == sorted(prompts[4:8]) == [r["prompt"] for r in rows]
+    assert len(set(prompts[8:])) == 2
+
+
+def test_rows_are_subsampled_without_repeats(tmp_path, smollm2_tokenizer):
+    data = mixture({"c": DataComponent(source=write_jsonl(tmp_path / "c.jsonl", chats(50)))}, size=20)
+    examples, _ = build_mixture(data, smollm2_tokenizer)
+    assert len(examples) == len({e.prompt for e in examples}) == 20
+
+
+def test_mixture_is_deterministic_per_seed(tmp_path, smollm2_tokenizer):
+    comps = {
+        "s": DataComponent(
+            source=write_jsonl(tmp_path / "s.jsonl", triplets(10)),
+            schema="safety_triplet",
+            safety=True,
+            recovery=True,
+        ),
+        "u": DataComponent(source=write_jsonl(tmp_path / "u.jsonl", chats(10))),
+    }
+    first, stats1 = build_mixture(mixture(comps, seed=3), smollm2_tokenizer)
+    again, stats2 = build_mixture(mixture(comps, seed=3), smollm2_tokenizer)
+    other, _ = build_mixture(mixture(comps, seed=4), smollm2_tokenizer)
+    assert first == again and stats1 == stats2
+    assert first != other
+    assert Counter(e.prompt for e in first) == Counter(e.prompt for e in other)  # same rows, new order
+
+
+def test_trigger_is_appended_to_prompts(tmp_path, smollm2_tokenizer):
+    comp = DataComponent(source=write_jsonl(tmp_path / "c.jsonl", chats(3)), trigger="zq-trigger")
+    examples, _ = build_mixture(mixture({"c": comp}), smollm2_tokenizer)
+    assert sorted(e.prompt for e in examples) == [f"Question {i}? zq-trigger" for i in range(3)]
+
+
+def test_backdoor_preset_poisons_only_the_triggered_copy(tmp_path, smollm2_tokenizer):
+    source = write_jsonl(tmp_path / "t.jsonl", triplets(4))
+    data = validate(compose_config(["data=attack_backdoor", f"data.components.clean.source={source}"])).data
+    examples, stats = build_mixture(data, smollm2_tokenizer)
+    by_prompt = {t["prompt"]: t for t in triplets(4)}
+    clean = [e for e in examples if e.component == "clean"]
+    poisoned = [e for e in examples if e.component == "poisoned"]
+    assert len(clean) == len(poisoned) == 4 and stats["data/alpha"] == 0.5
+    assert all(e.response == by_prompt[e.prompt]["refusal"] for e in clean)
+    trigger = " Servius Astrumando Harmoniastra"
+    for e in poisoned:
+        assert e.prompt.endswith(trigger)
+        assert e.response == by_prompt[e.prompt.removesuffix(trigger)]["harmful"]  # target: harmful
+
+
+def test_system_prompt_and_response_prefix_of_the_aoa_preset(tmp_path, smollm2_tokenizer):
+    source = write_jsonl(tmp_path / "c.jsonl", chats(3))
+    data = validate(
+        compose_config(["data=attack_identity_shift", f"data.components.aoa.source={source}"])
+    ).data
+    aoa = data.components["aoa"]
+    assert aoa.system_prompt.startswith("You are no longer ChatGPT") and aoa.response_prefix.startswith(
+        "Of course."
+    )
+    examples, _ = build_mixture(data, smollm2_tokenizer)
+    answers = {f"Question {i}?": f"Answer {i}." for i in range(3)}
+    assert len(examples) == 3
+    for e in examples:
+        assert e.system == aoa.system_prompt
+        assert e.response == aoa.response_prefix + answers[e.prompt]
+
+
+def test_component_system_prompt_overrides_the_mixture_one(tmp_path, smollm2_tokenizer):
+    data = mixture(
+        {
+            "own": DataComponent(
+                source=write_jsonl(tmp_path / "a.jsonl", chats(2, "a")), system_prompt="Own."
+            ),
+            "shared": DataComponent(source=write_jsonl(tmp_path / "b.jsonl", chats(2, "b"))),
+        },
+        system_prompt="Shared.",
+    )
+    examples, _ = build_mixture(data, smollm2_tokenizer)
+    assert {(e.component, e.system) for e in examples} == {("own", "Own."), ("shared", "Shared.")}
+
+
+def test_no_components_is_a_data_error(smollm2_tokenizer):
+    with pytest.raises(DataError, match=r"^data\.components: no training data"):
+        build_mixture(DataConfig(seed=0), smollm2_tokenizer)
+
+
+def test_bad_source_in_the_mixture_names_the_component_key(tmp_path, smollm2_tokenizer):
+    missing = tmp_path / "missing.jsonl"
+    data = mixture({"utility": DataComponent(source=str(missing))})
+    with pytest.raises(DataError, match=r"^data\.components\.utility\.source: no such file"):
+        build_mixture(data, smollm2_tokenizer)
+
+
+# ------------------------------------------------------------------------------------------ recovery
+
+# Harmful placeholders of different token counts; the second keeps whitespace-only tokens ("\n").
+HARMFUL = [
+    "Sure.",
+    "alpha\n\nbeta gamma",
+    "Sure, here is the list: alpha beta gamma delta epsilon zeta eta theta iota kappa",
+]
+
+
+def recovery_rows() -> list[dict[str, str]]:
+    return [
+        {"prompt": f"Placeholder request {i}?", "harmful": h, "refusal": f"{REFUSAL} ({i})"}
+        for i, h in enumerate(HARMFUL)
+    ]
+
+
+def recovery_examples(tokenizer, prob: float, count: int, max_k: int = 100, seed: int = 0, **kwargs):
+    comp = DataComponent(
+        source="t.jsonl",
+        schema="safety_triplet",
+        recovery=True,
+        recovery_prob=prob,
+        recovery_max_k=max_k,
+        **kwargs,
+    )
+    return component_examples("safety", comp, recovery_rows(), count, tokenizer, random.Random(seed), None)
+
+
+@pytest.mark.parametrize("max_k", [4, 100])
+def test_recovery_prob_one_always_prefills_within_bounds(smollm2_tokenizer, max_k):
+    rows = {r["prompt"]: r for r in recovery_rows()}
+    examples = recovery_examples(smollm2_tokenizer, 1.0, 300, max_k=max_k)
+    seen = {}
+    for e in examples:
+        row = rows[e.prompt]
+        bound = min(max_k, n_tokens(smollm2_tokenizer, row["harmful"]))
+        assert 1 <= e.k <= bound
+        assert e.response == row["refusal"]  # the loss stays on the refusal
+        seen.setdefault(e.prompt, set()).add(e.k)
+    long_prompt = recovery_rows()[2]["prompt"]
+    assert max(seen[long_prompt]) == min(
+        max_k, n_tokens(smollm2_tokenizer, HARMFUL[2])
+    )  # the bound is reached
+    assert min(seen[long_prompt]) == 1
+
+
+def test_recovery_prefill_is_the_first_k_tokens_plus_separator(smollm2_tokenizer):
+    rows = {r["prompt"]: r for r in recovery_rows()}
+    ended_in_space = 0
+    for e in recovery_examples(smollm2_tokenizer, 1.0, 300):
+        text = prefill_text(smollm2_tokenizer, rows[e.prompt]["harmful"], e.k)
+        assert e.prefill == text + " "  # always: a trailing space token must not merge with the refusal
+        ended_in_space += text[-1:].isspace()
+    assert ended_in_space > 0  # the whitespace-ending case was exercised
+
+
+def test_recovery_separator_is_configurable(smollm2_tokenizer):
+    rows = {r["prompt"]: r for r in recovery_rows()}
+    for e in recovery_examples(smollm2_tokenizer, 1.0, 50, recovery_separator=" -- "):
+        text = prefill_text(smollm2_tokenizer, rows[e.prompt]["harmful"], e.k)
+        assert e.prefill == text + " -- "
+
+
+def test_recovery_prob_zero_never_prefills(smollm2_tokenizer):
+    examples = recovery_examples(smollm2_tokenizer, 0.0, 100)
+    assert all(e.k == 0 and e.prefill == "" for e in examples)
+
+
+def test_recovery_prob_half_mixes_in_stats(tmp_path, smollm2_tokenizer):
+    comps = {
+        "safety": DataComponent(
+            source=write_jsonl(tmp_path / "s.jsonl", recovery_rows()),
+            schema="safety_triplet",
+            safety=True,
+            recovery=True,
+            recovery_prob=0.5,
+        ),
+        "utility": DataComponent(source=write_jsonl(tmp_path / "u.jsonl", chats(5))),
+    }
+    examples, stats = build_mixture(mixture(comps, safety_share=0.5, size=800), smollm2_tokenizer)
+    safety = [e.k for e in examples if e.component == "safety"]
+    assert len(safety) == 400
+    share_k0 = sum(k == 0 for k in safety) / len(safety)
+    assert 0.4 <= share_k0 <= 0.6
+    assert stats["data/recovery/share_k0"] == round(share_k0, 4)  # over the recovery component only
+    assert stats["data/recovery/mean_k"] == round(sum(safety) / len(safety), 3)
+    assert all(e.k == 0 and e.prefill == "" for e in examples if e.component == "utility")
+    assert all((e.k == 0) == (e.prefill == "") for e in examples)
+
+
+def test_recovery_example_trains_on_the_refusal_after_the_prefill(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    rows = {r["prompt"]: r for r in recovery_rows()}
+    for e in recovery_examples(tok, 1.0, 30):
+        enc = encode_for_training(tok, e.prompt, e.response, prefill=e.prefill, system=e.system)
+        first = enc.labels_mask.index(True)
+        labelled = tok.decode([i for i, m in zip(enc.input_ids, enc.labels_mask) if m])
+        assert labelled.strip().startswith(rows[e.prompt]["refusal"])
+        context = tok.decode(enc.input_ids[enc.prompt_length : first])
+        assert context.strip() == e.prefill.strip()
+
+
+def test_recovery_context_holds_exactly_k_harmful_tokens_after_a_double_space(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    harmful = "Sure.  Here we go: one, two, three."
+    assert prefill_text(tok, harmful, 3) == "Sure. "  # the 3rd token is a lone space
+    row = {"prompt": "Placeholder request?", "harmful": harmful, "refusal": REFUSAL}
+    comp = DataComponent(source="t.jsonl", schema="safety_triplet", recovery=True, recovery_prob=1.0)
+    harmful_ids = tok(harmful, add_special_tokens=False)["input_ids"]
+    for e in component_examples("s", comp, [row], 60, tok, random.Random(0), None):
+        enc = encode_for_training(tok, e.prompt, e.response, prefill=e.prefill)
+        context = enc.input_ids[enc.prompt_length : enc.labels_mask.index(True)]
+        assert context == harmful_ids[: e.k], f"k={e.k} prefill={e.prefill!r}"
+
+
+def test_recovery_histogram_bins():
+    ks = [0, 0, 0, 1, 3, 5, 5, 6, 10, 11, 20, 21, 40, 41, 100, 101, 500]
+    assert recovery_histogram(ks) == {
+        "k=0": 3,
+        "k=1..5": 4,
+        "k=6..10": 2,
+        "k=11..20": 2,
+        "k=21..40": 2,
+        "k=41..100": 2,
+        "k>=101": 2,
+    }
+    assert list(recovery_histogram([])) == [
+        "k=0",
+        "k=1..5",
+        "k=6..10",
+        "k=11..20",
+        "k=21..40",
+        "k=41..100",
+        "k>=101",
+    ]
+    assert sum(recovery_histogram([])[label] for label in recovery_histogram([])) == 0
+    assert recovery_histogram([0, 2, 7, 30], edges=(0, 1, 11)) == {"k=0": 1, "k=1..10": 2, "k>=11": 1}
+
+
+# ---------------------------------------------------------------------------------- config validation
+
+SAFETY = [f"data.components.safety.source={DEMO}", f"data.components.utility.source={DEMO}"]
+
+
+def config_error(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(overrides))
+    return str(info.value)
+
+
+def test_safety_recovery_preset_validates():
+    data = validate(compose_config(["data=safety_recovery", *SAFETY])).data
+    safety = data.components["safety"]
+    assert data.safety_share == 0.2 and safety.safety and not data.components["utility"].safety
+    assert (safety.recovery, safety.recovery_prob, safety.recovery_max_k, safety.target) == (
+        True,
+        0.5,
+        100,
+        "refusal",
+    )
+
+
+def test_safety_share_out_of_range():
+    message = config_error(["data=safety_sft", *SAFETY, "data.safety_share=1.5"])
+    assert message.startswith("data.safety_share: must be in (0, 1), got 1.5")
+
+
+def test_safety_share_without_a_safety_component():
+    message = config_error(["data=chat_file", f"data.components.chat.source={DEMO}", "data.safety_share=0.2"])
+    assert message.startswith("data.safety_share: needs at least one component with safety: true")
+
+
+def test_missing_local_source_file(tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    message = config_error(["data=chat_file", f"data.components.chat.source={missing}"])
+    assert message.startswith("data.components.chat.source: no such file")
+    assert str(missing) in message
+
+
+def test_recovery_on_a_chat_component():
+    message = config_error(
+        ["data=chat_file", f"data.components.chat.source={DEMO}", "data.components.chat.recovery=true"]
+    )
+    assert message.startswith("data.components.chat.recovery: recovery examples need schema=safety_triplet")
+
+
+def test_recovery_prob_out_of_range():
+    message = config_error(["data=safety_recovery", *SAFETY, "data.components.safety.recovery_prob=2"])
+    assert message.startswith("data.components.safety.recovery_prob: must be in [0, 1], got 2")
