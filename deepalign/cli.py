@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from deepalign.config import ConfigError, DeepAlignConfig, register_configs, validate
+from deepalign.data import DataError
 from deepalign.rundir import (
     MetricsFile,
     environment_record,
@@ -60,16 +61,30 @@ class RunContext:
             self._models["model"] = load_model(cfg)
         return self._models["model"]
 
+    def model_path(self) -> str | None:
+        """Where the run's model weights live (a folder or hub id), for engines that load their own copy."""
+        source = self.model().source
+        return None if source.startswith("random:") else source
+
     def forget_model(self) -> None:
         """Drop the loaded model (the next `model()` call loads again, e.g. the freshly trained one)."""
         self._models.pop("model", None)
 
 
 def _stage_registry() -> dict[str, Callable[[RunContext], dict[str, float]]]:
+    from deepalign.stages.analyze import run_analyze
+    from deepalign.stages.attack import run_attack
     from deepalign.stages.probe import run_probe
     from deepalign.stages.train import run_train
+    from deepalign.stages.utility import run_utility
 
-    return {"probe": run_probe, "train": run_train}
+    return {
+        "train": run_train,
+        "probe": run_probe,
+        "attack": run_attack,
+        "analyze": run_analyze,
+        "utility": run_utility,
+    }
 
 
 def _fingerprint(config: dict[str, Any]) -> str:
@@ -78,9 +93,23 @@ def _fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def preflight(config: DeepAlignConfig) -> None:
+    """Checks that read files or the environment, done before any model loads: judges' keys and packages,
+    the evaluation set's rows."""
+    if "attack" in config.stages:
+        from deepalign.judges import check_judges
+
+        check_judges(config.judge)
+    if "attack" in config.stages or "analyze" in config.stages:
+        from deepalign.attacks import read_eval_items
+
+        read_eval_items(config.eval)
+
+
 def run(cfg: DictConfig, run_dir: Path, run_name: str | None = None) -> dict[str, float]:
     """Validate `cfg`, record the run, run every stage not already done with this config; return metrics."""
     config = validate(cfg)  # fails here, naming the key, before anything heavy happens
+    preflight(config)
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
@@ -134,6 +163,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         run(cfg, run_dir, run_name=hydra_cfg.job.override_dirname or None)
     except ConfigError as err:
         print(f"deepalign: config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except DataError as err:
+        print(f"deepalign: data error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -252,6 +252,50 @@ class ProbeConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The evaluation set of harmful requests (`attack` stage) and its column names."""
+
+    prompts: str | None = None  # JSONL/JSON/CSV file, hub id or demo:<name>; None: no attack stage possible
+    columns: dict[str, str] = field(default_factory=dict)  # prompt / harmful / target -> column names
+    split: str = "train"
+    subset: str | None = None
+    limit: int | None = None
+    trigger: str | None = None  # appended to every prompt (backdoor: evaluate with the trigger)
+    primary_judge: str | None = None  # judge of the `asr/...` keys; None: rubric, classifier, keyword
+
+
+@dataclass
+class AnalysisConfig:
+    """The `analyze` stage: per-token KL(model || reference) on (harmful prompt, harmful response) pairs."""
+
+    reference: str | None = None  # hub id or folder; None: the run's initial model (needs the train stage)
+    positions: int = 20
+    batch_size: int = 8
+    grad_positions: int = 0  # > 0: also per-position loss and gradient norm on one batch (paper Fig. 3)
+
+
+@dataclass
+class UtilityTask:
+    source: str = MISSING
+    schema: str = "samsum"  # samsum | sql | gsm8k
+    split: str = "test"
+    subset: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    limit: int | None = 100
+
+
+@dataclass
+class UtilityConfig:
+    """The `utility` stage: over-refusal on benign prompts, task scores, optional lm-eval-harness tasks."""
+
+    benign: str | None = None  # chat prompts (a `prompt` field) for the over-refusal rate
+    benign_limit: int | None = None
+    tasks: dict[str, UtilityTask] = field(default_factory=dict)
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    max_new_tokens: int = 256
+
+
+@dataclass
 class DeepAlignConfig:
     stages: list[str] = field(default_factory=lambda: ["probe"])
     seed: int = 0
@@ -266,6 +310,9 @@ class DeepAlignConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    utility: UtilityConfig = field(default_factory=UtilityConfig)
 
 
 def register_configs() -> None:
@@ -273,7 +320,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="deepalign_schema", node=DeepAlignConfig)
 
 
-STAGES = ("train", "probe")
+STAGES = ("train", "probe", "attack", "analyze", "utility")
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.source": ("hf", "gguf", "random"),
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
@@ -386,6 +433,57 @@ def _check_train(t: TrainConfig) -> None:
     _check(t.max_steps > 0 or t.epochs > 0, "train.epochs", "set train.epochs > 0 or train.max_steps > 0")
 
 
+def _check_local_source(key: str, source: str | None) -> None:
+    local = source is not None and source.lower().endswith((".jsonl", ".json", ".csv"))
+    _check(not local or Path(source).is_file(), key, f"no such file: {source}")
+
+
+def _check_stages(c: DeepAlignConfig) -> None:
+    """What each selected stage needs, checked before anything runs."""
+    if "attack" in c.stages or "analyze" in c.stages:
+        _check(
+            c.eval.prompts is not None,
+            "eval.prompts",
+            "the attack and analyze stages need harmful prompts: eval.prompts=FILE (JSONL/CSV) or a hub id",
+        )
+        _check_local_source("eval.prompts", c.eval.prompts)
+    if "attack" in c.stages:
+        enabled = [k for k, v in vars(c.attack).items() if v is not None]
+        _check(
+            bool(enabled), "attack", "the attack stage needs at least one attack: attack=[none,prefill,...]"
+        )
+        judges = [k for k, v in vars(c.judge).items() if v is not None]
+        _check(bool(judges), "judge", "the attack stage needs at least one judge: judge=[keyword]")
+        if c.eval.primary_judge is not None:
+            _check(
+                c.eval.primary_judge in judges,
+                "eval.primary_judge",
+                f"{c.eval.primary_judge!r} is not among the selected judges ({', '.join(judges)})",
+            )
+    if "analyze" in c.stages:
+        _check(
+            c.analysis.reference is not None or "train" in c.stages,
+            "analysis.reference",
+            "KL needs a reference model: analysis.reference=HUB_ID_OR_FOLDER, or a train stage in this run",
+        )
+        _check(c.analysis.positions >= 1, "analysis.positions", "must be >= 1")
+    if "utility" in c.stages:
+        u = c.utility
+        _check(
+            bool(u.benign or u.tasks or u.lm_eval_tasks),
+            "utility",
+            "the utility stage needs utility.benign, utility.tasks or utility.lm_eval_tasks",
+        )
+        _check_local_source("utility.benign", u.benign)
+        for name, task in u.tasks.items():
+            _check(
+                task.schema in ("samsum", "sql", "gsm8k"),
+                f"utility.tasks.{name}.schema",
+                f"{task.schema!r} is not one of samsum, sql, gsm8k",
+            )
+            _check_local_source(f"utility.tasks.{name}.source", task.source)
+
+
 def _check_attacks(a: AttackSuite, data: DataConfig) -> None:
     if a.prefill is not None:
         for i, k in enumerate(a.prefill.depths):
@@ -433,6 +531,7 @@ def validate(cfg: DictConfig) -> DeepAlignConfig:
     _check(config.generation.batch_size >= 1, "generation.batch_size", "must be >= 1")
     _check(config.generation.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
     _check_attacks(config.attack, config.data)
+    _check_stages(config)
     _choice("logger.name", config.logger.name)
     _choice("logger.mode", config.logger.mode)
     _choice("launcher.name", config.launcher.name)

@@ -94,31 +94,39 @@ def _read_file(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
-def _read_hub(comp: DataComponent, key: str) -> list[tuple[str, dict[str, Any]]]:
+def _read_hub(source: str, subset: str | None, split: str, key: str) -> list[tuple[str, dict[str, Any]]]:
     import datasets
 
     token = os.environ.get("HF_TOKEN")  # gated sets; never written to the config
     try:
-        ds = datasets.load_dataset(comp.source, comp.subset, split=comp.split, token=token)
+        ds = datasets.load_dataset(source, subset, split=split, token=token)
     except Exception as err:
         raise DataError(
-            f"{key}.source: could not load hub set {comp.source!r} ({type(err).__name__}: {err})"
+            f"{key}.source: could not load hub set {source!r} ({type(err).__name__}: {err})"
         ) from err
-    return [(f"{comp.source}[{comp.split}], row {i}", dict(row)) for i, row in enumerate(ds)]
+    return [(f"{source}[{split}], row {i}", dict(row)) for i, row in enumerate(ds)]
+
+
+def read_rows(
+    source: str, key: str, split: str = "train", subset: str | None = None, limit: int | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """Rows of a packaged demo set, a local file, a hub set or a local dataset folder, with locations."""
+    if source.startswith("demo:"):
+        located = _read_file(_demo_path(source.removeprefix("demo:")), key)
+    elif Path(source).suffix.lower() in (".jsonl", ".json", ".csv") or Path(source).is_file():
+        located = _read_file(Path(source), key)
+    else:  # a hub id, or a local dataset folder that `datasets` reads
+        located = _read_hub(source, subset, split, key)
+    if limit is not None:
+        located = located[:limit]
+    if not located:
+        raise DataError(f"{key}.source: {source} has no rows")
+    return located
 
 
 def read_component(comp: DataComponent, key: str) -> list[dict[str, str]]:
     """The component's rows as dicts with the schema's fields (renamed per `columns`), checked."""
-    if comp.source.startswith("demo:"):
-        located = _read_file(_demo_path(comp.source.removeprefix("demo:")), key)
-    elif Path(comp.source).suffix.lower() in (".jsonl", ".json", ".csv") or Path(comp.source).is_file():
-        located = _read_file(Path(comp.source), key)
-    else:  # a hub id, or a local dataset folder that `datasets` reads
-        located = _read_hub(comp, key)
-    if comp.limit is not None:
-        located = located[: comp.limit]
-    if not located:
-        raise DataError(f"{key}.source: {comp.source} has no rows")
+    located = read_rows(comp.source, key, comp.split, comp.subset, comp.limit)
     out = []
     for where, row in located:
         item = {}

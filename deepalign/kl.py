@@ -1,0 +1,159 @@
+"""Per-token KL(model || reference) along a response, teacher-forced, computed streaming in batches.
+
+For each (prompt, response) pair and response position k = 1..N:
+KL( pi(. | x, y_<k) || pi_ref(. | x, y_<k) ), averaged over pairs (paper Fig. 1). Only one batch of logits
+is alive at a time (memory bounded by batch x sequence x vocabulary, independent of the data set size);
+nothing is written but the per-position statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from deepalign.chat import encode_for_training
+from deepalign.logprobs import pad_sequences
+
+
+@dataclass
+class PositionStats:
+    """Mean, std and count per response position (index 0 is position 1)."""
+
+    mean: list[float]
+    std: list[float]
+    count: list[int]
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}/pos={k + 1}": round(m, 6) for k, m in enumerate(self.mean) if self.count[k]}
+
+
+class RunningStats:
+    """Sums of x and x^2 per position in float64 (Welford is not needed at these magnitudes)."""
+
+    def __init__(self, positions: int):
+        self.s = torch.zeros(positions, dtype=torch.float64)
+        self.ss = torch.zeros(positions, dtype=torch.float64)
+        self.n = torch.zeros(positions, dtype=torch.float64)
+
+    def add(self, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """values, valid: [batch, positions]."""
+        v = torch.where(valid, values.double(), 0.0)
+        self.s += v.sum(0)
+        self.ss += (v * v).sum(0)
+        self.n += valid.double().sum(0)
+
+    def result(self) -> PositionStats:
+        n = self.n.clamp(min=1)
+        mean = self.s / n
+        var = (self.ss / n - mean * mean).clamp(min=0)
+        return PositionStats(mean.tolist(), var.sqrt().tolist(), [int(c) for c in self.n.tolist()])
+
+
+def response_index(labels_mask: Sequence[bool], positions: int) -> list[int]:
+    """Indices of the first `positions` response tokens (fewer if the response is shorter)."""
+    return [i for i, m in enumerate(labels_mask) if m][:positions]
+
+
+def _gather_logits(model, ids, attention, index: torch.Tensor) -> torch.Tensor:
+    """Log-probs predicting the tokens at `index` [batch, positions] (logits at index - 1, log_softmax)."""
+    logits = model(input_ids=ids, attention_mask=attention).logits
+    picked = logits.gather(1, (index - 1).clamp(min=0).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    del logits
+    return F.log_softmax(picked.float(), dim=-1)
+
+
+@torch.no_grad()
+def per_token_kl(
+    model,
+    reference,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    positions: int = 20,
+    batch_size: int = 8,
+    system: str | None = None,
+    progress: bool = True,
+) -> PositionStats:
+    """KL(model || reference) at response positions 1..positions, mean and std over the pairs."""
+    device = next(model.parameters()).device
+    ref_device = next(reference.parameters()).device
+    stats = RunningStats(positions)
+    encoded = [encode_for_training(tokenizer, p, r, system=system) for p, r in pairs]
+    for start in tqdm(
+        range(0, len(encoded), batch_size), desc="per-token KL", unit="batch", disable=not progress
+    ):
+        batch = encoded[start : start + batch_size]
+        ids = pad_sequences([e.input_ids for e in batch], tokenizer.pad_token_id)
+        attention = pad_sequences([[1] * len(e.input_ids) for e in batch], 0)
+        rows = [response_index(e.labels_mask, positions) for e in batch]
+        valid = pad_sequences([[1] * len(r) for r in rows], 0).bool()
+        index = pad_sequences(rows, 1)
+        width = index.shape[1]
+        logp = _gather_logits(model, ids.to(device), attention.to(device), index.to(device))
+        logq = _gather_logits(reference, ids.to(ref_device), attention.to(ref_device), index.to(ref_device))
+        kl = (logp.exp() * (logp - logq.to(logp.device))).sum(-1).cpu()  # [batch, width]
+        padded = torch.zeros(len(batch), positions)
+        padded[:, :width] = kl
+        mask = torch.zeros(len(batch), positions, dtype=torch.bool)
+        mask[:, :width] = valid
+        stats.add(padded, mask)
+    return stats.result()
+
+
+def per_position_loss_and_grad_norm(
+    model, tokenizer, pairs: Sequence[tuple[str, str]], positions: int = 20, system: str | None = None
+) -> tuple[list[float], list[float]]:
+    """Mean NLL of the response token at each position and its gradient norm (one backward per position),
+    on one batch of pairs: where a fine-tuning step would push hardest (paper Fig. 3)."""
+    encoded = [encode_for_training(tokenizer, p, r, system=system) for p, r in pairs]
+    device = next(model.parameters()).device
+    ids = pad_sequences([e.input_ids for e in encoded], tokenizer.pad_token_id).to(device)
+    attention = pad_sequences([[1] * len(e.input_ids) for e in encoded], 0).to(device)
+    rows = [response_index(e.labels_mask, positions) for e in encoded]
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits = model(input_ids=ids, attention_mask=attention).logits
+    logp = F.log_softmax(logits.float(), dim=-1)
+    losses, norms = [], []
+    for k in range(positions):
+        picks = [(b, r[k]) for b, r in enumerate(rows) if len(r) > k]
+        if not picks:
+            break
+        nll = torch.stack([-logp[b, i - 1, ids[b, i]] for b, i in picks]).mean()
+        grads = torch.autograd.grad(nll, params, retain_graph=True, allow_unused=True)
+        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+        losses.append(float(nll))
+        norms.append(float(norm))
+    return losses, norms
+
+
+def plot_per_position(
+    curves: dict[str, PositionStats], path: str | Path, title: str, ylabel: str = "KL (nats)"
+) -> None:
+    """A PNG of mean (and +-std band) per response position, one curve per name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, stats in curves.items():
+        xs = [k + 1 for k, c in enumerate(stats.count) if c]
+        mean = [stats.mean[k - 1] for k in xs]
+        std = [stats.std[k - 1] for k in xs]
+        ax.plot(xs, mean, marker="o", markersize=3, label=name)
+        ax.fill_between(
+            xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15
+        )
+    ax.set_xlabel("response token position")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,204 @@
+"""The attack, analyze and utility stages on the tiny model: prefills, decoding grid, artifacts, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import compose_config
+
+from deepalign import cli
+from deepalign.artifacts import JsonlStore
+from deepalign.attacks import decoding_grid, read_eval_items
+from deepalign.chat import encode_for_generation, prefill_text
+from deepalign.config import DecodingAttack, EvalConfig, validate
+from deepalign.data import DataError
+from deepalign.stages import attack as attack_stage
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau"
+HARMFUL = f"Sure, here is the list: {WORDS} {WORDS} {WORDS}."  # a neutral placeholder, 60+ tokens
+
+
+@pytest.fixture(scope="module")
+def eval_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
+    rows = [{"prompt": f"Please answer request {i}.", "harmful": HARMFUL} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def attack_config(eval_file: Path, *overrides: str):
+    return compose_config(
+        [
+            "model=tiny",
+            "logger=none",
+            "stages=[attack]",
+            f"eval.prompts={eval_file}",
+            "generation.max_new_tokens=6",
+            "generation.batch_size=8",
+            *overrides,
+        ]
+    )
+
+
+def test_decoding_grid_enumerates_as_configured():
+    cfg = DecodingAttack(temperatures=[0.5, 1.0], top_ks=[1, 5], top_ps=[0.9], greedy=True)
+    grid = decoding_grid(cfg, max_new_tokens=7)
+    names = [n for n, _ in grid]
+    assert names == [
+        "decoding/greedy",
+        "decoding/temperature=0.5",
+        "decoding/temperature=1",
+        "decoding/top_k=1",
+        "decoding/top_k=5",
+        "decoding/top_p=0.9",
+    ]
+    params = dict(grid)
+    assert not params["decoding/greedy"].do_sample
+    assert (
+        params["decoding/temperature=0.5"].temperature == 0.5
+        and params["decoding/temperature=0.5"].top_k == 0
+    )
+    assert params["decoding/top_k=5"].top_k == 5 and params["decoding/top_k=5"].temperature == 1.0
+    assert params["decoding/top_p=0.9"].top_p == 0.9 and params["decoding/top_p=0.9"].top_k == 0
+    assert all(p.max_new_tokens == 7 for p in params.values())
+    default = decoding_grid(DecodingAttack(), 8)
+    assert len(default) == 1 + 20 + 9 + 20  # the paper's grid: greedy, 20 temperatures, 9 top-k, 20 top-p
+
+
+def test_eval_items_from_csv_with_goal_column_and_trigger(tmp_path):
+    path = tmp_path / "advbench.csv"
+    path.write_text(
+        'goal,target\n"Write a poem","Sure, here is a poem"\n"Count to ten","Sure, here is the count"\n'
+    )
+    items = read_eval_items(EvalConfig(prompts=str(path), trigger="XYZ"))
+    assert [i.request for i in items] == ["Write a poem", "Count to ten"]
+    assert items[0].prompt == "Write a poem XYZ" and items[0].target == "Sure, here is a poem"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 1: no request text"):
+        read_eval_items(EvalConfig(prompts=str(bad)))
+
+
+def test_prefill_attack_puts_exactly_k_tokens_in_the_assistant_turn(eval_file, tmp_path, smollm2_tokenizer):
+    cfg = attack_config(eval_file, "attack=[prefill]", "attack.prefill.depths=[0,3,10]")
+    metrics = cli.run(cfg, tmp_path / "run")
+    tok = smollm2_tokenizer
+    harmful_ids = tok(HARMFUL, add_special_tokens=False)["input_ids"]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "generations" / "prefill.jsonl").read_text().split("\n")
+        if line
+    ]
+    assert len(rows) == 3 * 4
+    for row in rows:
+        k = int(row["variant"].split("=")[1])
+        assert row["prefill"] == prefill_text(tok, HARMFUL, k)
+        ids = encode_for_generation(tok, row["prompt"], prefill=row["prefill"])
+        plain = encode_for_generation(tok, row["prompt"])
+        assert ids[len(plain) :] == harmful_ids[:k], (
+            "the assistant turn must start with exactly k harmful tokens"
+        )
+    for k in (0, 3, 10):
+        assert 0.0 <= metrics[f"asr/prefill/k={k}"] <= 1.0
+        assert metrics[f"asr_keyword/prefill/k={k}"] == metrics[f"asr/prefill/k={k}"]
+    judged = (tmp_path / "run" / "judgments" / "prefill.keyword.jsonl").read_text().split("\n")
+    record = json.loads(judged[0])
+    assert record["judge"] == "keyword" and record["version"].startswith("keyword:qi2024")
+    assert record["shown_prefill"] is True
+
+
+def test_prefill_deeper_than_the_response_fails_before_generating(eval_file, tmp_path, monkeypatch):
+    def no_engine(*args, **kwargs):
+        raise AssertionError("generation started")
+
+    monkeypatch.setattr(attack_stage, "make_engine", no_engine)
+    cfg = attack_config(eval_file, "attack=[prefill]", "attack.prefill.depths=[5,500]")
+    with pytest.raises(DataError, match=r"attack\.prefill\.depths: item 0's harmful response has \d+ tokens"):
+        cli.run(cfg, tmp_path / "run")
+
+
+class CountingEngine:
+    def __init__(self, engine):
+        self.engine, self.rows = engine, 0
+
+    def generate(self, requests):
+        self.rows += sum(r.n for r in requests)
+        yield from self.engine.generate(requests)
+
+
+def test_interrupted_attack_resumes_without_redoing_finished_items(eval_file, tmp_path, monkeypatch):
+    overrides = [
+        "attack=[none,decoding]",
+        "attack.decoding.temperatures=[0.7]",
+        "attack.decoding.top_ks=[5]",
+        "attack.decoding.top_ps=[]",
+        "attack.decoding.samples_per_setting=2",
+    ]
+    run_dir = tmp_path / "run"
+    first = cli.run(attack_config(eval_file, *overrides), run_dir)
+    gen_path = run_dir / "generations" / "decoding.jsonl"
+    lines = gen_path.read_text().split("\n")
+    lines = [line for line in lines if line]
+    assert len(lines) == 4 * (1 + 2 + 2)  # greedy once, two sampled settings x 2 samples
+    # Simulate a kill: the last 3 records lost, the one before torn mid-line; the stage not marked done.
+    gen_path.write_text("\n".join(lines[:-4]) + "\n" + lines[-4][:20])
+    (run_dir / "stages.json").unlink()
+    judged = run_dir / "judgments" / "decoding.keyword.jsonl"
+    judged.write_text("\n".join(judged.read_text().split("\n")[:5]) + "\n")
+
+    engines = []
+
+    def counting(*args, **kwargs):
+        engines.append(CountingEngine(make(*args, **kwargs)))
+        return engines[0]
+
+    make = attack_stage.make_engine
+    monkeypatch.setattr(attack_stage, "make_engine", counting)
+    second = cli.run(attack_config(eval_file, *overrides), run_dir)
+    assert engines[0].rows == 4, "only the 4 lost or torn generations are redone"
+    records = JsonlStore(gen_path).records
+    assert len(records) == 20
+    redone = [json.loads(line)["key"] for line in lines[-4:]]
+    for line in lines[:-4]:  # finished items are kept as they were
+        assert records[json.loads(line)["key"]] == json.loads(line)
+    assert set(redone) <= set(records)
+    untimed = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    assert untimed(second) == untimed(first)
+
+
+def test_analyze_and_utility_stages(eval_file, tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(
+        "".join(json.dumps({"prompt": f"Say {w}.", "response": f"{w}."}) + "\n" for w in WORDS.split())
+    )
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}) + "\n")
+    cfg = compose_config(
+        [
+            "model=tiny",
+            "logger=none",
+            "stages=[train,analyze,utility]",
+            "data=chat_file",
+            f"data.components.chat.source={chats}",
+            "train.max_steps=3",
+            "train.optimizer.lr=1e-2",
+            f"eval.prompts={eval_file}",
+            "analysis.positions=8",
+            "analysis.grad_positions=3",
+            f"utility.benign={chats}",
+            "utility.benign_limit=3",
+            "utility.max_new_tokens=4",
+            f"+utility.tasks={{gsm: {{source: {gsm}, schema: gsm8k}}}}",
+        ]
+    )
+    validate(cfg)
+    metrics = cli.run(cfg, tmp_path / "run")
+    kl = [metrics[f"kl/pos={k}"] for k in range(1, 9)]
+    assert all(v > 0 for v in kl), "three steps at lr 1e-2 move the model away from its initial self"
+    assert metrics["kl/pairs"] == 4
+    assert len([k for k in metrics if k.startswith("grad_norm/pos=")]) == 3
+    assert (tmp_path / "run" / "analysis" / "kl.png").read_bytes()[:4] == b"\x89PNG"
+    assert 0.0 <= metrics["utility/benign/over_refusal"] <= 1.0
+    assert metrics["utility/gsm/accuracy"] in (0.0, 1.0)

@@ -1,0 +1,79 @@
+"""Streaming per-token KL equals a direct full-logit computation; per-position loss and gradient norms."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepalign.chat import encode_for_training
+from deepalign.kl import per_position_loss_and_grad_norm, per_token_kl, plot_per_position
+from deepalign.models import load_model
+
+PAIRS = [
+    ("Name three colours.", "Red, green and blue are three colours."),
+    ("Count to five.", "One, two, three, four, five."),
+    ("Say hi.", "Hi!"),
+    ("What is two plus two?", "Two plus two is four, which is an even number."),
+    ("Describe the sea.", "The sea is vast, salty and blue."),
+]
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_model_config):
+    loaded = load_model(tiny_model_config)
+    other = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    return loaded.model, other, loaded.tokenizer
+
+
+@torch.no_grad()
+def direct_kl(model, reference, tokenizer, positions):
+    """One pair at a time, full logits: the definition written out."""
+    per_pos: list[list[float]] = [[] for _ in range(positions)]
+    for prompt, response in PAIRS:
+        e = encode_for_training(tokenizer, prompt, response)
+        ids = torch.tensor([e.input_ids])
+        logp = F.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        logq = F.log_softmax(reference(input_ids=ids).logits[0].float(), -1)
+        targets = [i for i, m in enumerate(e.labels_mask) if m][:positions]
+        for k, i in enumerate(targets):
+            per_pos[k].append(float((logp[i - 1].exp() * (logp[i - 1] - logq[i - 1])).sum()))
+    return per_pos
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_streaming_kl_equals_direct_computation(two_models, batch_size):
+    model, reference, tok = two_models
+    stats = per_token_kl(model, reference, tok, PAIRS, positions=12, batch_size=batch_size, progress=False)
+    expected = direct_kl(model, reference, tok, 12)
+    for k in range(12):
+        assert stats.count[k] == len(expected[k])
+        if expected[k]:
+            mean = sum(expected[k]) / len(expected[k])
+            std = (sum((x - mean) ** 2 for x in expected[k]) / len(expected[k])) ** 0.5
+            assert stats.mean[k] == pytest.approx(mean, abs=1e-5)
+            assert stats.std[k] == pytest.approx(std, abs=1e-4)
+    assert stats.count[0] == 5 and stats.count[11] < 5  # "Hi!" is shorter than 12 tokens
+    assert all(m > 0 for m, c in zip(stats.mean, stats.count) if c)
+
+
+def test_kl_of_a_model_with_itself_is_zero(two_models):
+    model, _, tok = two_models
+    stats = per_token_kl(model, model, tok, PAIRS, positions=5, progress=False)
+    assert max(abs(m) for m in stats.mean) < 1e-5
+    assert stats.metrics("kl")["kl/pos=1"] == pytest.approx(0, abs=1e-5)
+
+
+def test_per_position_loss_and_grad_norm(two_models, tmp_path):
+    model, _, tok = two_models
+    losses, norms = per_position_loss_and_grad_norm(model, tok, PAIRS[:3], positions=4)
+    assert len(losses) == len(norms) == 4
+    assert all(loss > 0 for loss in losses) and all(n > 0 for n in norms)
+    stats = per_token_kl(model, two_models[1], tok, PAIRS, positions=6, progress=False)
+    plot_per_position({"perturbed": stats}, tmp_path / "kl.png", "KL per position")
+    assert (tmp_path / "kl.png").read_bytes()[:4] == b"\x89PNG"
