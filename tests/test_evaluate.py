@@ -202,3 +202,25 @@ def test_analyze_and_utility_stages(eval_file, tmp_path):
     assert (tmp_path / "run" / "analysis" / "kl.png").read_bytes()[:4] == b"\x89PNG"
     assert 0.0 <= metrics["utility/benign/over_refusal"] <= 1.0
     assert metrics["utility/gsm/accuracy"] in (0.0, 1.0)
+
+
+def test_gcg_attack_through_the_stage(eval_file, tmp_path):
+    cfg = attack_config(
+        eval_file,
+        "attack=[gcg]",
+        "attack.gcg.steps=2",
+        "attack.gcg.topk=8",
+        "attack.gcg.search_width=16",
+        "attack.gcg.suffix_length=4",
+        "attack.gcg.max_prompts=2",
+    )
+    metrics = cli.run(cfg, tmp_path / "run")
+    suffixes = JsonlStore(tmp_path / "run" / "attacks" / "gcg.jsonl").records
+    assert sorted(suffixes) == ["0", "1"]
+    for record in suffixes.values():
+        assert len(record["losses"]) == record["steps"] <= 2 and record["suffix"]
+    generations = JsonlStore(tmp_path / "run" / "generations" / "gcg.jsonl").values()
+    assert len(generations) == 2
+    for g in generations:
+        assert g["prompt"].endswith(suffixes[g["prompt_id"]]["suffix"])
+    assert 0.0 <= metrics["asr/gcg"] <= 1.0

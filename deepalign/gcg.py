@@ -1,0 +1,529 @@
+"""GCG (Zou et al. 2023, "Universal and Transferable Adversarial Attacks on Aligned Language Models").
+
+An adversarial suffix is appended to the user's request, `f"{prompt} {suffix}"` (exactly what the attack stage
+sends to the model), and optimised so that the assistant's turn starts with a target string ("Sure, here is
+how to ..."). Each step takes the gradient of the target loss (mean cross-entropy of the target tokens under
+teacher forcing) w.r.t. the one-hot suffix tokens, keeps for every position the `topk` tokens with the most
+negative gradient, samples `search_width` single-token substitutions from them, scores them all and moves to
+the best one (as in the paper, even when it is worse than the current suffix; the best suffix seen is kept).
+
+Layout. The conversation is rendered through the tokenizer's own chat template (`deepalign.chat`), with the
+user content `prompt + marker`; the rendering is split at the marker into the text before the suffix (ending
+with the request) and after it (end of the user turn and the generation prompt). The assembled rendering
+`before + " " + suffix + after` is tokenized in one piece (as generation does) and split by character
+offsets into `before_ids | suffix_ids | after_ids`; the target is tokenized alone and appended. The space that
+joins request and suffix belongs to the suffix's tokens (" !" is one token in BPE vocabularies), so the
+suffix's first token always starts with a space and the tokens before the suffix never change.
+
+Token constraints. Candidate tokens come from an allowed set built once per tokenizer: printable ASCII text
+that is not only whitespace, no special or added-special tokens, nothing beyond the tokenizer's vocabulary
+(padded embedding rows). The first position only takes tokens starting with a space, the last none ending in
+whitespace (templates that strip the content would drop it). Retokenisation filter: a candidate is kept only
+if the whole rendering with its decoded text tokenizes back to exactly `before_ids + candidate + after_ids`
+for every prompt (the standard decode -> re-encode check, done in context, so the suffix the attack stage
+renders is the one that was optimised).
+
+Prefix KV cache. The tokens before the suffix (system prompt, template header, the request) are fixed: their
+keys and values are computed once per prompt and every forward (the gradient and each candidate batch) starts
+from a fresh `DynamicCache` built from expanded views of them, so the stored prefix is never mutated.
+`use_prefix_cache=False` runs full forward passes instead (same losses to float tolerance).
+
+Early stop. A candidate "succeeds" when the argmax at every target position under teacher forcing is the
+target token, which is exactly "greedy decoding starts with the target"; it is read off the logits the loss
+is computed from, so it costs nothing. With `cfg.early_stop` the search stops at the first success (also
+before the first step, if the initial suffix already succeeds).
+
+Universal mode (`cfg.universal`): one suffix for all prompts, optimised for the sum of the per-prompt target
+losses (gradients summed; a candidate must pass the retokenisation filter for every prompt; success means
+every prompt succeeds). It returns a single `GCGResult` with `prompt_id="universal"` whose losses are those
+sums. `cfg.max_prompts` is applied by the caller (the attack stage), not here.
+
+Reproducible: all sampling draws from a `torch.Generator` seeded with `seed` (per prompt, so a prompt's suffix
+does not depend on the other prompts of the call), on the CPU, so the same seed gives the same suffix.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from deepalign.chat import chat_messages, encode_for_generation
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from deepalign.config import GCGAttack
+
+log = logging.getLogger(__name__)
+
+SEPARATOR = " "  # joins the request and the suffix: the user content is f"{prompt} {suffix}"
+INIT_TOKEN_TEXT = "!"  # the paper's initial suffix "! ! ! ... !"
+_MARKER = "[[deepalign-gcg-suffix]]"
+
+
+@dataclass
+class GCGResult:
+    prompt_id: str  # the prompt's id, or "universal" for the shared suffix of universal mode
+    suffix: str  # append as f"{prompt} {suffix}"
+    suffix_ids: list[int]
+    best_loss: float  # target loss of the returned suffix (universal: summed over prompts)
+    losses: list[float]  # best loss after each step (running minimum): the loss curve
+    steps: int  # steps actually run (0: the initial suffix already succeeded)
+    success: bool  # early-stopped because greedy decoding of the target succeeded
+    seconds: float
+    initial_loss: float  # target loss of the initial "! ! ! ..." suffix
+
+
+def default_target(prompt: str, template: str = "Sure, here is") -> str:
+    """The affirmative target for a request: `"<template> how to <request>"` with the request's first letter
+    lowercased (not for "I" or an acronym) and its final punctuation dropped. A template containing
+    `{request}` is filled in instead ("Sure, here is {request}:")."""
+    request = prompt.strip().rstrip(".?!:;").rstrip()
+    first = request.split(" ", 1)[0]
+    if request and first != "I" and not first[:2].isupper():
+        request = request[0].lower() + request[1:]
+    if "{request}" in template:
+        return template.replace("{request}", request)
+    if request.lower().startswith("how to "):
+        request = request[len("how to ") :]
+    return f"{template.rstrip()} how to {request}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokens
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """Per embedding row: may GCG place it in a suffix, and does its text start / end with whitespace."""
+
+    allowed: torch.Tensor  # [V] bool
+    leading_space: torch.Tensor  # [V] bool: the token's text starts with SEPARATOR
+    trailing_space: torch.Tensor  # [V] bool
+    anchor: int  # a plain token decoded in front of a suffix, so tokenizers that drop a leading space
+    anchor_text: str  # at the start of a decode (SentencePiece) keep it
+
+    def position_masks(self, length: int) -> torch.Tensor:
+        """[length, V] allowed tokens per suffix position (first: starts with a space; last: no trailing
+        whitespace)."""
+        masks = self.allowed.unsqueeze(0).repeat(length, 1)
+        masks[0] &= self.leading_space
+        masks[-1] &= ~self.trailing_space
+        return masks
+
+    def decode(self, tokenizer: PreTrainedTokenizerBase, rows: Sequence[Sequence[int]]) -> list[str | None]:
+        """Each row's text as it reads inside a longer text (None if the decode is not a plain extension)."""
+        texts = tokenizer.batch_decode(
+            [[self.anchor, *row] for row in rows],
+            skip_special_tokens=False,
+            clean_up_tokenization_spaces=False,
+        )
+        n = len(self.anchor_text)
+        return [t[n:] if t.startswith(self.anchor_text) else None for t in texts]
+
+
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False))
+    return ids
+
+
+def token_table(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> TokenTable:
+    """The allowed-token mask for an embedding matrix of `vocab_size` rows (built once per tokenizer)."""
+    per_tokenizer = _TABLES.setdefault(tokenizer, {})
+    if vocab_size in per_tokenizer:
+        return per_tokenizer[vocab_size]
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1]
+    anchor_text = tokenizer.decode([anchor], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    n = min(vocab_size, len(tokenizer))
+    special = _special_ids(tokenizer)
+    table = TokenTable(
+        torch.zeros(vocab_size, dtype=torch.bool),
+        torch.zeros(vocab_size, dtype=torch.bool),
+        torch.zeros(vocab_size, dtype=torch.bool),
+        anchor,
+        anchor_text,
+    )
+    texts = table.decode(tokenizer, [[i] for i in range(n)])
+    for i, text in enumerate(texts):
+        if text is None or i in special or not text.strip() or not (text.isascii() and text.isprintable()):
+            continue
+        table.allowed[i] = True
+        table.leading_space[i] = text.startswith(SEPARATOR)
+        table.trailing_space[i] = text[-1].isspace()
+    per_tokenizer[vocab_size] = table
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layout
+
+
+@dataclass
+class PromptLayout:
+    """One prompt's rendering split around the suffix: `before_ids + suffix_ids + after_ids` is the
+    tokenization of `before_text + " " + suffix + after_text`; the target ids follow `after_ids`."""
+
+    prompt: str
+    target: str
+    before_text: str  # the rendering up to and including the request
+    after_text: str  # the rest of the user turn and the generation prompt
+    before_ids: list[int]
+    suffix_ids: list[int]  # the initial suffix
+    after_ids: list[int]
+    target_ids: list[int]
+
+    def full_text(self, suffix_text: str) -> str:
+        """The rendering with a suffix's text (which starts with the separator)."""
+        return self.before_text + suffix_text + self.after_text
+
+    def input_ids(self, suffix_ids: Sequence[int]) -> list[int]:
+        return [*self.before_ids, *suffix_ids, *self.after_ids, *self.target_ids]
+
+
+def build_layout(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    target: str,
+    *,
+    suffix_length: int,
+    system: str | None = None,
+) -> PromptLayout:
+    """Split the chat-template rendering of `prompt + " " + "! ! ... !"` into before / suffix / after ids."""
+    if not target:
+        raise ValueError("GCG target is empty")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; GCG needs character offsets")
+    if _MARKER in prompt or (system and _MARKER in system):
+        raise ValueError(f"the prompt contains the GCG marker {_MARKER!r}")
+    rendered = tokenizer.apply_chat_template(
+        chat_messages(prompt + _MARKER, system=system), tokenize=False, add_generation_prompt=True
+    )
+    if rendered.count(_MARKER) != 1:
+        raise ValueError(
+            "the chat template does not render the user content verbatim; GCG cannot place a suffix"
+        )
+    at = rendered.index(_MARKER)
+    before_text, after_text = rendered[:at], rendered[at + len(_MARKER) :]
+    init_text = SEPARATOR + SEPARATOR.join([INIT_TOKEN_TEXT] * suffix_length)
+    full = before_text + init_text + after_text
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    start, end = len(before_text), len(before_text) + len(init_text)
+    parts: dict[str, list[int]] = {"before": [], "suffix": [], "after": []}
+    for i, (s, e) in enumerate(offsets):
+        part = "before" if s < start else "suffix" if s < end else "after"
+        limit = start if part == "before" else end if part == "suffix" else len(full)
+        if e > limit:
+            raise ValueError(
+                f"token {tokenizer.convert_ids_to_tokens(ids[i])!r} of the rendering straddles the "
+                "boundary of the GCG suffix; the tokenizer merges the suffix with its context"
+            )
+        parts[part].append(ids[i])
+    if len(parts["suffix"]) != suffix_length:
+        raise ValueError(
+            f"the initial suffix {init_text!r} is {len(parts['suffix'])} tokens, not "
+            f"suffix_length={suffix_length}, with this tokenizer"
+        )
+    if encode_for_generation(tokenizer, f"{prompt}{init_text}", system=system) != ids:
+        raise ValueError("rendering the prompt with a suffix does not give the split rendering's tokens")
+    target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
+    return PromptLayout(
+        prompt, target, before_text, after_text, parts["before"], parts["suffix"], parts["after"], target_ids
+    )
+
+
+def round_trips(
+    tokenizer: PreTrainedTokenizerBase,
+    table: TokenTable,
+    layouts: Sequence[PromptLayout],
+    candidates: torch.Tensor,
+) -> tuple[torch.Tensor, list[str | None]]:
+    """The retokenisation filter: [B] bool, True where the candidate's decoded text, rendered in every
+    prompt, tokenizes back to exactly `before_ids + candidate + after_ids`; and each candidate's text."""
+    rows = candidates.tolist()
+    texts = table.decode(tokenizer, rows)
+    keep = [t is not None and t.startswith(SEPARATOR) and t == t.rstrip() for t in texts]
+    for layout in layouts:
+        todo = [i for i, ok in enumerate(keep) if ok]
+        if not todo:
+            break
+        encoded = tokenizer([layout.full_text(texts[i]) for i in todo], add_special_tokens=False)["input_ids"]
+        for i, got in zip(todo, encoded):
+            keep[i] = got == [*layout.before_ids, *rows[i], *layout.after_ids]
+    return torch.tensor(keep, dtype=torch.bool), texts
+
+
+def sample_candidates(
+    suffix_ids: torch.Tensor,
+    grad: torch.Tensor,
+    masks: torch.Tensor,
+    topk: int,
+    search_width: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """[search_width, L] candidates: each replaces one random position of `suffix_ids` with a random one of
+    that position's `topk` allowed tokens of most negative gradient. All on the CPU (`grad`: [L, V])."""
+    length = suffix_ids.shape[0]
+    k = min(topk, int(masks.sum(1).min()))
+    if k < 1:
+        raise ValueError("no allowed token for some suffix position")
+    scores = (-grad.float()).masked_fill(~masks, float("-inf"))
+    top = scores.topk(k, dim=1).indices  # [L, k]
+    positions = torch.randint(0, length, (search_width,), generator=generator)
+    ranks = torch.randint(0, k, (search_width,), generator=generator)
+    candidates = suffix_ids.unsqueeze(0).repeat(search_width, 1)
+    candidates[torch.arange(search_width), positions] = top[positions, ranks]
+    return candidates
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses
+
+
+def _base_model(model: PreTrainedModel):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _cache_kwarg(model: PreTrainedModel) -> str:
+    """`cache` (transformers >= 5.2x) or `past_key_values` (earlier 5.x)."""
+    params = inspect.signature(_base_model(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class TargetScorer:
+    """Target loss of suffixes for one prompt: gradients w.r.t. the one-hot suffix and batched candidate
+    losses, from a prefix KV cache (`use_prefix_cache`) or full forward passes."""
+
+    def __init__(self, model: PreTrainedModel, layout: PromptLayout, *, use_prefix_cache: bool = True):
+        self.model = model
+        self.layout = layout
+        self.embedding = model.get_input_embeddings()
+        self.device = self.embedding.weight.device
+
+        def tensor(ids: list[int]) -> torch.Tensor:
+            return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+        self.before, self.after, self.target = (
+            tensor(x) for x in (layout.before_ids, layout.after_ids, layout.target_ids)
+        )
+        self.cache_kwarg = _cache_kwarg(model)
+        self.prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if use_prefix_cache and layout.before_ids:
+            with torch.no_grad():
+                out = model(input_ids=self.before, use_cache=True)
+            cache = out["cache"] if "cache" in out else out["past_key_values"]
+            layers = getattr(cache, "layers", [])
+            if layers and all(isinstance(getattr(x, "keys", None), torch.Tensor) for x in layers):
+                self.prefix = [(layer.keys.detach(), layer.values.detach()) for layer in layers]
+            else:  # not a plain key/value cache (recurrent or hybrid layers): full forwards instead
+                log.warning(
+                    "gcg: %s is not a key/value cache; running without the prefix cache", type(cache).__name__
+                )
+
+    def _forward(self, batch: int, **inputs: torch.Tensor) -> torch.Tensor:
+        """Logits predicting the target tokens, [batch, T, V] (float32), for the inputs after the prefix."""
+        from transformers import DynamicCache
+
+        kwargs: dict[str, object] = {"use_cache": self.prefix is not None}
+        if self.prefix is not None:
+            data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.prefix]
+            kwargs[self.cache_kwarg] = DynamicCache(data, config=self.model.config)
+        n = self.target.shape[1]
+        logits = self.model(**inputs, logits_to_keep=n + 1, **kwargs).logits
+        return logits[:, -n - 1 : -1].float()
+
+    def _loss(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        target = self.target.expand(logits.shape[0], -1)
+        flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+        loss = flat.view(target.shape).mean(1)
+        return loss, (logits.argmax(-1) == target).all(1)
+
+    def gradient(self, suffix_ids: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+        """d loss / d one-hot suffix ([L, V] float32, CPU), the loss and teacher-forced greedy success."""
+        weight = self.embedding.weight
+        one_hot = torch.zeros(suffix_ids.shape[0], weight.shape[0], dtype=weight.dtype, device=self.device)
+        one_hot[torch.arange(suffix_ids.shape[0]), suffix_ids.to(self.device)] = 1
+        with torch.enable_grad():  # also when the caller runs under no_grad
+            one_hot.requires_grad_(True)
+            suffix = one_hot @ weight
+            scale = getattr(self.embedding, "embed_scale", None)  # embeddings that scale inside the module
+            if scale is not None:
+                suffix = suffix * (scale.to(suffix.dtype) if isinstance(scale, torch.Tensor) else scale)
+            fixed = (
+                [self.after, self.target]
+                if self.prefix is not None
+                else [self.before, self.after, self.target]
+            )
+            parts = [self.embedding(ids).detach() for ids in fixed]
+            parts.insert(len(parts) - 2, suffix.unsqueeze(0))
+            loss, success = self._loss(self._forward(1, inputs_embeds=torch.cat(parts, dim=1)))
+            (grad,) = torch.autograd.grad(loss[0], one_hot)
+        return grad.float().cpu(), float(loss.detach()[0]), bool(success[0])
+
+    @torch.no_grad()
+    def losses(self, candidates: torch.Tensor, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target loss ([B] float32, CPU) and greedy success ([B] bool) of candidate suffixes [B, L]."""
+        out_loss, out_success = [], []
+        for start in range(0, candidates.shape[0], batch_size):
+            chunk = candidates[start : start + batch_size].to(self.device)
+            b = chunk.shape[0]
+            parts = [chunk, self.after.expand(b, -1), self.target.expand(b, -1)]
+            if self.prefix is None:
+                parts.insert(0, self.before.expand(b, -1))
+            loss, success = self._loss(self._forward(b, input_ids=torch.cat(parts, dim=1)))
+            out_loss.append(loss.cpu())
+            out_success.append(success.cpu())
+        return torch.cat(out_loss), torch.cat(out_success)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Search
+
+
+def _optimise(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layouts: list[PromptLayout],
+    cfg: GCGAttack,
+    *,
+    prompt_id: str,
+    system: str | None,
+    seed: int,
+    progress: bool,
+    use_prefix_cache: bool,
+    batch_size: int,
+) -> GCGResult:
+    start_time = time.perf_counter()
+    scorers = [TargetScorer(model, layout, use_prefix_cache=use_prefix_cache) for layout in layouts]
+    table = token_table(tokenizer, model.get_input_embeddings().weight.shape[0])
+    masks = table.position_masks(cfg.suffix_length)
+    generator = torch.Generator().manual_seed(seed)
+
+    def gradient(ids: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+        results = [s.gradient(ids) for s in scorers]
+        return sum(r[0] for r in results), sum(r[1] for r in results), all(r[2] for r in results)
+
+    current = torch.tensor(layouts[0].suffix_ids, dtype=torch.long)
+    grad, initial_loss, succeeded = gradient(current)
+    best_ids, best_loss = current, initial_loss
+    success = cfg.early_stop and succeeded
+    losses: list[float] = []
+    bar = tqdm(total=cfg.steps, desc=f"gcg {prompt_id}", disable=not progress, leave=False)
+    for step in range(cfg.steps):
+        if success:
+            break
+        if step > 0:
+            grad = gradient(current)[0]
+        candidates = sample_candidates(current, grad, masks, cfg.topk, cfg.search_width, generator)
+        candidates = torch.unique(candidates, dim=0)
+        keep, _ = round_trips(tokenizer, table, layouts, candidates)
+        candidates = candidates[keep]
+        if candidates.shape[0] == 0:
+            log.warning("gcg %s step %d: no candidate survives the retokenisation filter", prompt_id, step)
+        else:
+            scored = [s.losses(candidates, batch_size) for s in scorers]
+            loss = torch.stack([s[0] for s in scored]).sum(0)
+            ok = torch.stack([s[1] for s in scored]).all(0)
+            if cfg.early_stop and ok.any():
+                pick = int(torch.where(ok, loss, torch.inf).argmin())
+                success = True
+            else:
+                pick = int(loss.argmin())
+            current = candidates[pick]
+            if success or float(loss[pick]) < best_loss:
+                best_ids, best_loss = current, float(loss[pick])
+        losses.append(min([best_loss, *losses[-1:]]))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    bar.close()
+    text = table.decode(tokenizer, [best_ids.tolist()])[0] or ""
+    suffix = text[len(SEPARATOR) :]
+    for layout in layouts:  # the suffix as the attack stage will render it
+        ids = encode_for_generation(tokenizer, f"{layout.prompt}{SEPARATOR}{suffix}", system=system)
+        if ids != [*layout.before_ids, *best_ids.tolist(), *layout.after_ids]:
+            log.warning(
+                "gcg %s: the suffix %r renders to other tokens than the optimised ones", prompt_id, suffix
+            )
+    seconds = time.perf_counter() - start_time
+    log.info(
+        "gcg %s: %d steps, loss %.4f -> %.4f%s, %.1fs",
+        prompt_id,
+        len(losses),
+        initial_loss,
+        best_loss,
+        " (target reached)" if success else "",
+        seconds,
+    )
+    return GCGResult(
+        prompt_id=prompt_id,
+        suffix=suffix,
+        suffix_ids=best_ids.tolist(),
+        best_loss=best_loss,
+        losses=losses,
+        steps=len(losses),
+        success=success,
+        seconds=seconds,
+        initial_loss=initial_loss,
+    )
+
+
+def run_gcg(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    targets: list[str],
+    cfg: GCGAttack,
+    *,
+    system: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    prompt_ids: list[str] | None = None,
+    use_prefix_cache: bool = True,
+    batch_size: int = 128,
+) -> list[GCGResult]:
+    """GCG suffixes: one `GCGResult` per prompt, or with `cfg.universal` a single one (prompt_id "universal")
+    whose suffix is shared by all prompts. Append a suffix as `f"{prompt} {suffix}"`. `batch_size` candidates
+    are scored per forward pass; `use_prefix_cache=False` recomputes the fixed prefix every time."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if prompt_ids is None:
+        prompt_ids = [str(i) for i in range(len(prompts))]
+    if len(prompt_ids) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt_ids")
+    if not prompts:
+        return []
+    layouts = [
+        build_layout(tokenizer, p, t, suffix_length=cfg.suffix_length, system=system)
+        for p, t in zip(prompts, targets)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        kwargs = {
+            "system": system,
+            "seed": seed,
+            "progress": progress,
+            "use_prefix_cache": use_prefix_cache,
+            "batch_size": batch_size,
+        }
+        if cfg.universal:
+            return [_optimise(model, tokenizer, layouts, cfg, prompt_id="universal", **kwargs)]
+        return [
+            _optimise(model, tokenizer, [layout], cfg, prompt_id=pid, **kwargs)
+            for layout, pid in zip(layouts, prompt_ids)
+        ]
+    finally:
+        model.train(was_training)
