@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import compose_config
 
 from deepalign.chat import encode_for_generation
 from deepalign.config import validate
@@ -22,7 +23,6 @@ from deepalign.generation import (
     stable_seed,
 )
 from deepalign.models import load_model
-from tests.conftest import compose_config
 
 PROMPTS = [
     "Hi",
