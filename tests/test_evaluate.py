@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -224,3 +229,45 @@ def test_gcg_attack_through_the_stage(eval_file, tmp_path):
     for g in generations:
         assert g["prompt"].endswith(suffixes[g["prompt_id"]]["suffix"])
     assert 0.0 <= metrics["asr/gcg"] <= 1.0
+
+
+def test_sigkill_during_generation_then_rerun_redoes_nothing_finished(eval_file, tmp_path):
+    """A real kill: the second run generates exactly the items whose lines were not complete on disk."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        str(Path(sys.executable).parent / "deepalign"),
+        "model=tiny",
+        "logger=none",
+        "stages=[attack]",
+        f"eval.prompts={eval_file}",
+        "generation.max_new_tokens=24",
+        "generation.batch_size=1",
+        "attack=[decoding]",
+        "attack.decoding.temperatures=[0.3,0.6,0.9]",
+        "attack.decoding.top_ks=[2,4]",
+        "attack.decoding.top_ps=[0.5,0.8]",
+        f"hydra.run.dir={run_dir}",
+    ]
+    gen_path = run_dir / "generations" / "decoding.jsonl"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if gen_path.exists() and gen_path.read_text().count("\n") >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = JsonlStore(gen_path).records  # complete lines only (a torn one is dropped)
+    before = {k: v["response"] for k, v in finished.items()}
+    assert 10 <= len(before) < 32
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    second_log = out.stdout + out.stderr  # this run's log lines only
+    pattern = r"decoding/\S+: \d+ of \d+ generations already done, (\d+) to generate"
+    generated = sum(int(n) for n in re.findall(pattern, second_log))
+    after = JsonlStore(gen_path).records
+    assert len(after) == 4 * (1 + 3 + 2 + 2)
+    for key, response in before.items():
+        assert after[key]["response"] == response, "a finished item was regenerated"
+    assert generated == len(after) - len(before)

@@ -49,6 +49,9 @@ def generate_variant(
     """Generate every (item, sample) of a variant not already in the store, appending as batches finish."""
     requests, info = build_requests(variant, items, tokenizer, system=system, seed=seed, suffixes=suffixes)
     pending = [r for r in requests if any(f"{r.id}/{s}" not in store.records for s in range(r.n))]
+    total = sum(r.n for r in requests)
+    todo = sum(f"{r.id}/{s}" not in store.records for r in requests for s in range(r.n))
+    log.info("%s: %d of %d generations already done, %d to generate", variant.name, total - todo, total, todo)
     if not pending:
         return
     buffer = []
