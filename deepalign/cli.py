@@ -15,6 +15,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from deepalign.config import ConfigError, DeepAlignConfig, register_configs, validate
@@ -159,6 +160,9 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str | None = None) -> dict[str
 def _hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN and cfg.logger.group is None:
+        # one W&B group per sweep, each point a run named by its overrides
+        cfg.logger.group = "sweep-" + Path(hydra_cfg.sweep.dir).as_posix().replace("/", "_").strip("_")
     try:
         run(cfg, run_dir, run_name=hydra_cfg.job.override_dirname or None)
     except ConfigError as err:
