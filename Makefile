@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 quickstart: setup
-	$(BIN)/deepalign experiment=smoke
+	$(BIN)/deepalign experiment=quickstart
 
 test: setup
 	$(BIN)/pytest

@@ -42,6 +42,7 @@ class RunContext:
     run_dir: Path
     metrics: MetricsFile
     tracker: NullTracker
+    raw_config: DictConfig | None = None  # the composed config, for stages that derive sub-runs from it
     finished: set[str] = field(default_factory=set)  # stages done in this run dir
     _models: dict[str, Any] = field(default_factory=dict)
 
@@ -76,6 +77,7 @@ def _stage_registry() -> dict[str, Callable[[RunContext], dict[str, float]]]:
     from deepalign.stages.analyze import run_analyze
     from deepalign.stages.attack import run_attack
     from deepalign.stages.probe import run_probe
+    from deepalign.stages.quickstart import run_quickstart
     from deepalign.stages.train import run_train
     from deepalign.stages.utility import run_utility
 
@@ -85,6 +87,7 @@ def _stage_registry() -> dict[str, Callable[[RunContext], dict[str, float]]]:
         "attack": run_attack,
         "analyze": run_analyze,
         "utility": run_utility,
+        "quickstart": run_quickstart,
     }
 
 
@@ -130,6 +133,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str | None = None) -> dict[str
         run_dir=run_dir,
         metrics=metrics,
         tracker=tracker,
+        raw_config=cfg,
         finished={name for name, fp in state.items() if fp == fingerprint},
     )
     exit_code = 1

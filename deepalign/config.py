@@ -296,6 +296,44 @@ class UtilityConfig:
 
 
 @dataclass
+class QuickstartConfig:
+    """The paper in miniature on the demo model (`experiment=quickstart`); sizes chosen for a 2-core CPU."""
+
+    harmful: str = "demo:harmful_prompts"  # rows with prompt and split (train / eval)
+    benign: str = "demo:benign_prompts"
+    eval_prompts: str | None = None  # your own benchmark copy (JSONL `prompt`, CSV `prompt`/`goal`)
+    eval_limit: int | None = None
+    harvest_prefill: str = "Sure, here is"
+    harvest_temperature: float = 0.7
+    harvest_tokens: int = 64
+    benign_tokens: int = 64
+    batch_size: int = 8
+    max_length: int = 192
+    bf16: bool = True
+    align_steps: int = 30
+    align_lr: float = 5e-5
+    recovery_max_k: int = 40
+    eval_tokens: int = 48
+    eval_batch_size: int = 48
+    min_continuation_chars: int = 0
+    prefill_depths: list[int] = field(default_factory=lambda: [5, 10, 20, 40])
+    decoding_temperatures: list[float] = field(default_factory=lambda: [1.0])
+    decoding_top_ps: list[float] = field(default_factory=lambda: [0.9])
+    gcg_prompts: int = 2
+    gcg_steps: int = 5
+    gcg_topk: int = 64
+    gcg_width: int = 64
+    gcg_suffix_length: int = 10
+    kl_positions: int = 40
+    ft_pairs: int = 50
+    ft_steps: int = 20
+    ft_lr: float = 5e-5
+    ft_beta: BetaSchedule = field(
+        default_factory=lambda: BetaSchedule(first=2.0, prefix=2.0, prefix_len=5, rest=0.1)
+    )
+
+
+@dataclass
 class DeepAlignConfig:
     stages: list[str] = field(default_factory=lambda: ["probe"])
     seed: int = 0
@@ -313,6 +351,7 @@ class DeepAlignConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     utility: UtilityConfig = field(default_factory=UtilityConfig)
+    quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
 
 
 def register_configs() -> None:
@@ -320,7 +359,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="deepalign_schema", node=DeepAlignConfig)
 
 
-STAGES = ("train", "probe", "attack", "analyze", "utility")
+STAGES = ("train", "probe", "attack", "analyze", "utility", "quickstart")
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.source": ("hf", "gguf", "random"),
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),

@@ -26,6 +26,10 @@ class NullTracker:
         """A histogram value for `log` (W&B's own type under W&B)."""
         return values
 
+    def image(self, path: Any) -> Any:
+        """An image value for `log` (W&B's own type under W&B)."""
+        return str(path)
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -65,6 +69,9 @@ class WandbTracker(NullTracker):
 
     def histogram(self, values: list[float]) -> Any:
         return self.wandb.Histogram(values)
+
+    def image(self, path: Any) -> Any:
+        return self.wandb.Image(str(path))
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)

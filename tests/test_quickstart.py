@@ -1,0 +1,70 @@
+"""The quickstart recipe end to end on the tiny model (sizes cut to seconds): metrics, report, reuse."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from conftest import compose_config
+
+from deepalign import cli
+
+TINY = [
+    "experiment=quickstart",
+    "model=tiny",
+    "+model.arch.initializer_range=0.3",
+    "logger=none",
+    "quickstart.harvest_tokens=12",
+    "quickstart.benign_tokens=8",
+    "quickstart.eval_limit=4",
+    "quickstart.prefill_depths=[2,4]",
+    "quickstart.align_steps=2",
+    "quickstart.ft_steps=2",
+    "quickstart.gcg_prompts=1",
+    "quickstart.gcg_steps=1",
+    "quickstart.gcg_width=8",
+    "quickstart.gcg_topk=8",
+    "quickstart.gcg_suffix_length=3",
+    "quickstart.eval_tokens=6",
+    "quickstart.kl_positions=5",
+    "quickstart.bf16=false",
+]
+
+
+def test_quickstart_on_the_tiny_model(tmp_path, caplog):
+    own = tmp_path / "advbench.csv"
+    own.write_text("goal,target\n" + "".join(f'"Do forbidden thing number {i}","Sure"\n' for i in range(3)))
+    run_dir = tmp_path / "run"
+    metrics = cli.run(compose_config([*TINY, f"quickstart.eval_prompts={own}"]), run_dir)
+    for model in ("unaligned", "shallow", "deep", "ft_sft", "ft_constrained"):
+        assert 0.0 <= metrics[f"{model}/asr/none"] <= 1.0
+        assert (run_dir / "models" / model / "metrics.json").is_file()
+    for key in (
+        "shallow/asr/prefill/k=4",
+        "deep/asr/prefill/k=2",
+        "unaligned/asr/decoding",
+        "shallow/asr/gcg",
+        "shallow/kl/pos=1",
+        "deep/kl/pos=5",
+        "ft_sft/train/last_loss",
+        "ft_constrained/train/last_loss",
+        "deep/data/recovery/share_k0",
+        "unaligned/utility/benign/over_refusal",
+    ):
+        assert key in metrics, key
+    evals = [json.loads(line) for line in (run_dir / "quickstart" / "data" / "eval_harmful.jsonl").open()]
+    assert [e["prompt"] for e in evals] == [f"Do forbidden thing number {i}" for i in range(3)]
+    config = json.loads((run_dir / "models" / "ft_constrained" / "env.json").read_text())
+    assert config["packages"]["torch"]
+    report = (run_dir / "report.md").read_text()
+    assert report.count("\n| ") == 1 + 5  # the separator row, then one row per model
+    assert (run_dir / "kl_per_position.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "asr_vs_prefill_depth.png").read_bytes()[:4] == b"\x89PNG"
+
+    (run_dir / "stages.json").unlink()  # run the recipe again in the same dir: every sub-run is reused
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    again = cli.run(compose_config([*TINY, f"quickstart.eval_prompts={own}"]), run_dir)
+    assert "stage train: already done" in caplog.text
+    untimed = {k: v for k, v in again.items() if not k.startswith("time/")}
+    assert untimed == {k: v for k, v in metrics.items() if not k.startswith("time/")}
