@@ -9,6 +9,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -427,8 +428,10 @@ def test_wandb_offline_run_in_the_run_dir_without_secrets(tmp_path, wandb_env):
     assert len(runs) == 1, list((run_dir / "wandb").iterdir())
     records = list(runs[0].glob("run-*.wandb"))
     assert len(records) == 1
-    data = records[0].read_bytes()
-    assert re.search(rb"probe/nll.{0,8}1\.25", data, re.DOTALL), "the logged metric is in the offline run"
+    deadline = time.time() + 30  # W&B's service process may still be writing the file after finish()
+    while not re.search(rb"probe/nll.{0,8}1\.25", records[0].read_bytes(), re.DOTALL):
+        assert time.time() < deadline, "the logged metric is in the offline run"
+        time.sleep(0.2)
     assert not (tmp_path / "wandb").exists(), "W&B must write into the run dir, not the working dir"
     assert _files_containing(run_dir, list(wandb_env.values())) == {}
 
