@@ -523,7 +523,7 @@ def _check_stages(c: DeepAlignConfig) -> None:
             _check_local_source(f"utility.tasks.{name}.source", task.source)
 
 
-def _check_attacks(a: AttackSuite, data: DataConfig) -> None:
+def _check_attacks(a: AttackSuite) -> None:
     if a.prefill is not None:
         for i, k in enumerate(a.prefill.depths):
             _check(k >= 0, f"attack.prefill.depths[{i}]", f"a prefill depth is a token count >= 0, got {k}")
@@ -569,7 +569,7 @@ def validate(cfg: DictConfig) -> DeepAlignConfig:
     _choice("generation.backend", config.generation.backend)
     _check(config.generation.batch_size >= 1, "generation.batch_size", "must be >= 1")
     _check(config.generation.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
-    _check_attacks(config.attack, config.data)
+    _check_attacks(config.attack)
     _check_stages(config)
     _choice("logger.name", config.logger.name)
     _choice("logger.mode", config.logger.mode)

@@ -23,7 +23,7 @@ from deepalign.attacks import (
     read_eval_items,
 )
 from deepalign.generation import default_params, make_engine
-from deepalign.judges import JudgeItem, attack_success_rate, build_judges
+from deepalign.judges import JudgeItem, Judgment, attack_success_rate, build_judges
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,6 @@ def success_rates(judgments: JsonlStore, prefix: str) -> dict[str, float]:
     """ASR per variant; for decoding also the any-setting rate per prompt (`<prefix>/decoding`)."""
     by_variant: dict[str, list] = defaultdict(list)
     broken: dict[str, bool] = {}
-    from deepalign.judges import Judgment
-
     for record in judgments.values():
         fields = {k: record[k] for k in Judgment.__dataclass_fields__ if k in record}
         j = Judgment(**fields)
