@@ -28,5 +28,5 @@ test: setup
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check deepalign tests
-	$(BIN)/ruff format --check deepalign tests
+	$(BIN)/ruff check deepalign tests bench
+	$(BIN)/ruff format --check deepalign tests bench

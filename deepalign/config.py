@@ -140,6 +140,9 @@ class TrainConfig:
 @dataclass
 class GenerationConfig:
     backend: str = "hf"  # hf | vllm
+    # auto: the model's own dtype; bfloat16 / float16: generate under autocast (hf; bf16 ~1.7x on a CPU), or
+    # load vLLM's copy in that dtype
+    dtype: str = "auto"
     batch_size: int = 16
     max_new_tokens: int = 128
     do_sample: bool = False
@@ -219,6 +222,8 @@ class ClassifierJudge:
 @dataclass
 class JudgeSuite:
     keyword: KeywordJudge | None = None
+    # the same judge with a rule of its own (judge=[keyword,keyword_substantive]: both figures side by side)
+    keyword_substantive: KeywordJudge | None = None
     rubric: RubricJudge | None = None
     classifier: ClassifierJudge | None = None
 
@@ -237,9 +242,16 @@ class LoggerConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = "local"  # local (one process)
-    nproc_per_node: int = 1
+    """How many processes run the stages: one (`local`), or workers started by torchrun / accelerate /
+    deepspeed with one run dir and one resolved config (deepalign/launch.py)."""
+
+    name: str = "local"  # local (this process) | torchrun | accelerate | deepspeed (one node)
+    nproc_per_node: int = 1  # processes on this node (one per GPU)
     nnodes: int = 1
+    node_rank: int = 0  # this node's index; start the same command on every node with its own node_rank
+    master_addr: str | None = None  # node 0's address; None: 127.0.0.1 (one node only)
+    master_port: int | None = None  # None: a free port (one node), 29500 (several nodes)
+    extra_args: list[str] = field(default_factory=list)  # put verbatim before the worker module
 
 
 @dataclass
@@ -305,29 +317,34 @@ class QuickstartConfig:
     eval_limit: int | None = None
     harvest_prefill: str = "Sure, here is"
     harvest_temperature: float = 0.7
-    harvest_tokens: int = 64
-    benign_tokens: int = 64
+    harvest_tokens: int = 48
+    benign_tokens: int = 48
     batch_size: int = 8
     max_length: int = 192
-    bf16: bool = True
+    bf16: bool = True  # training under bf16 autocast (weights stay fp32)
+    generation_dtype: str = "bfloat16"  # generation.dtype of every sub-run and of the harvest
     align_steps: int = 30
     align_lr: float = 5e-5
     recovery_max_k: int = 40
-    eval_tokens: int = 48
+    eval_tokens: int = 32
     eval_batch_size: int = 48
-    min_continuation_chars: int = 0
+    substantive_chars: int = 60  # judge.keyword_substantive.min_continuation_chars (reported beside keyword)
     prefill_depths: list[int] = field(default_factory=lambda: [5, 10, 20, 40])
     decoding_temperatures: list[float] = field(default_factory=lambda: [1.0])
     decoding_top_ps: list[float] = field(default_factory=lambda: [0.9])
+    gcg_models: list[str] = field(default_factory=lambda: ["shallow", "deep"])  # the unaligned one complies
     gcg_prompts: int = 2
     gcg_steps: int = 5
     gcg_topk: int = 64
-    gcg_width: int = 64
+    gcg_width: int = 32
     gcg_suffix_length: int = 10
     kl_positions: int = 40
     ft_pairs: int = 50
     ft_steps: int = 20
-    ft_lr: float = 5e-5
+    ft_lr: float = 2e-5  # the paper's Llama-2 fine-tuning-attack lr
+    paper_beta: bool = (
+        False  # also attack with the paper's schedule (beta_1 = 0.5): model ft_constrained_paper
+    )
     ft_beta: BetaSchedule = field(
         default_factory=lambda: BetaSchedule(first=2.0, prefix=2.0, prefix_len=5, rest=0.1)
     )
@@ -337,6 +354,8 @@ class QuickstartConfig:
 class DeepAlignConfig:
     stages: list[str] = field(default_factory=lambda: ["probe"])
     seed: int = 0
+    # the metric a Hydra sweeper optimises (hydra/sweeper=optuna_beta), e.g. asr/none; returned by the run
+    sweep_objective: str | None = None
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -368,9 +387,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.method": ("full", "lora"),
     "train.optimizer.name": ("adamw",),
     "generation.backend": ("hf", "vllm"),
+    "generation.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "quickstart.generation_dtype": ("auto", "bfloat16", "float16", "float32"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
-    "launcher.name": ("local",),
+    "launcher.name": ("local", "torchrun", "accelerate", "deepspeed"),
 }
 
 
@@ -521,6 +542,18 @@ def _check_stages(c: DeepAlignConfig) -> None:
                 f"{task.schema!r} is not one of samsum, sql, gsm8k",
             )
             _check_local_source(f"utility.tasks.{name}.source", task.source)
+    if "quickstart" in c.stages:
+        q = c.quickstart
+        _choice("quickstart.generation_dtype", q.generation_dtype)
+        for i, name in enumerate(q.gcg_models):
+            _check(
+                name in ("unaligned", "shallow", "deep"),
+                f"quickstart.gcg_models[{i}]",
+                f"{name!r} is not one of unaligned, shallow, deep",
+            )
+        _check_local_source("quickstart.eval_prompts", q.eval_prompts)
+        _check(q.align_steps >= 1, "quickstart.align_steps", "must be >= 1")
+        _check(q.ft_steps >= 1, "quickstart.ft_steps", "must be >= 1")
 
 
 def _check_attacks(a: AttackSuite) -> None:
@@ -535,6 +568,59 @@ def _check_attacks(a: AttackSuite) -> None:
             _check(t > 0, f"attack.decoding.temperatures[{i}]", f"must be > 0, got {t}")
         for i, p in enumerate(a.decoding.top_ps):
             _check(0 < p <= 1, f"attack.decoding.top_ps[{i}]", f"must be in (0, 1], got {p}")
+        for i, k in enumerate(a.decoding.top_ks):
+            _check(k >= 0, f"attack.decoding.top_ks[{i}]", f"must be >= 0 (0 = off), got {k}")
+
+
+def _check_decoding(g: GenerationConfig) -> None:
+    """The sampling settings of `generation` (SamplingParams would reject them only after a model loads)."""
+    _check(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
+    _check(g.top_k >= 0, "generation.top_k", f"must be >= 0 (0 = off), got {g.top_k}")
+    _check(
+        g.temperature > 0 or not g.do_sample,
+        "generation.temperature",
+        f"must be > 0 when sampling (do_sample=true), got {g.temperature}",
+    )
+    _check(g.num_samples >= 1, "generation.num_samples", f"must be >= 1, got {g.num_samples}")
+
+
+def _check_launcher(c: DeepAlignConfig) -> None:
+    """Process counts, the multi-node address, and stage orders that several processes can run."""
+    lc = c.launcher
+    _choice("launcher.name", lc.name)
+    _check(lc.nproc_per_node >= 1, "launcher.nproc_per_node", f"must be >= 1, got {lc.nproc_per_node}")
+    _check(lc.nnodes >= 1, "launcher.nnodes", f"must be >= 1, got {lc.nnodes}")
+    _check(
+        0 <= lc.node_rank < lc.nnodes,
+        "launcher.node_rank",
+        f"must be in [0, {lc.nnodes}), got {lc.node_rank}",
+    )
+    port = lc.master_port
+    _check(port is None or 0 < port < 65536, "launcher.master_port", f"must be in 1..65535, got {port}")
+    if lc.name == "local":
+        _check(
+            lc.nproc_per_node == 1 and lc.nnodes == 1,
+            "launcher.name",
+            "launcher=local runs one process; use launcher=torchrun (or accelerate) for more",
+        )
+        return
+    if lc.nnodes > 1:
+        _check(lc.master_addr is not None, "launcher.master_addr", "a multi-node run needs node 0's address")
+        _check(
+            lc.name != "deepspeed",
+            "launcher.name",
+            "launcher=deepspeed starts one node; use launcher=torchrun (or accelerate) on every node",
+        )
+    _check(
+        "quickstart" not in c.stages,
+        "launcher.name",
+        f"the quickstart stage runs in one process; launcher={lc.name} runs train, attack, analyze, ...",
+    )
+    _check(
+        "train" not in c.stages or c.stages[0] == "train",
+        "stages",
+        f"with launcher={lc.name}, train must be the first stage (every rank trains, then rank 0 evaluates)",
+    )
 
 
 def _check_known_keys(node: DictConfig, prefix: str = "") -> None:
@@ -567,11 +653,13 @@ def validate(cfg: DictConfig) -> DeepAlignConfig:
     _check_beta(config.loss.beta)
     _check_train(config.train)
     _choice("generation.backend", config.generation.backend)
+    _choice("generation.dtype", config.generation.dtype)
     _check(config.generation.batch_size >= 1, "generation.batch_size", "must be >= 1")
     _check(config.generation.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
+    _check_decoding(config.generation)
     _check_attacks(config.attack)
     _check_stages(config)
     _choice("logger.name", config.logger.name)
     _choice("logger.mode", config.logger.mode)
-    _choice("launcher.name", config.launcher.name)
+    _check_launcher(config)
     return config

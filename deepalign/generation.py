@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deepalign.logprobs import pad_sequences
+from deepalign.models import DTYPES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -176,10 +177,12 @@ class HFEngine:
         tokenizer: PreTrainedTokenizerBase,
         batch_size: int = 16,
         progress: bool = True,
+        autocast: torch.dtype | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
+        self.autocast = autocast  # run generate under torch.autocast in this dtype (weights stay as they are)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.progress = progress
@@ -261,8 +264,9 @@ class HFEngine:
         kwargs = self._generate_kwargs(params)
         was_training = self.model.training
         self.model.eval()
+        autocast = torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 if params.do_sample:
                     seed = stable_seed([[r.seed, r.id, s] for r, s in batch])
                     forked = []
@@ -392,10 +396,15 @@ def make_engine(
     folder or hub id the loaded model came from (the HF model stays loaded: free it first if GPU memory is
     short)."""
     if cfg.backend == "hf":
-        return HFEngine(loaded.model, loaded.tokenizer, batch_size=cfg.batch_size, progress=progress)
+        autocast = DTYPES[cfg.dtype] if cfg.dtype in ("bfloat16", "float16") else None
+        return HFEngine(
+            loaded.model, loaded.tokenizer, batch_size=cfg.batch_size, progress=progress, autocast=autocast
+        )
     if cfg.backend == "vllm":
         path = model_path or (None if loaded.source.startswith("random:") else loaded.source)
-        dtype = str(getattr(loaded.model, "dtype", "auto")).removeprefix("torch.")
+        dtype = cfg.dtype
+        if dtype == "auto":
+            dtype = str(getattr(loaded.model, "dtype", "auto")).removeprefix("torch.")
         return VLLMEngine(
             path,
             loaded.tokenizer,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from deepalign.chat import encode_for_training
+from deepalign.chat import encode_for_generation, encode_for_training
 from deepalign.logprobs import pad_sequences
 
 
@@ -96,12 +96,44 @@ def per_token_kl(
         logp = _gather_logits(model, ids.to(device), attention.to(device), index.to(device))
         logq = _gather_logits(reference, ids.to(ref_device), attention.to(ref_device), index.to(ref_device))
         kl = (logp.exp() * (logp - logq.to(logp.device))).sum(-1).cpu()  # [batch, width]
+        del logp, logq  # not alive during the next batch's forward passes
         padded = torch.zeros(len(batch), positions)
         padded[:, :width] = kl
         mask = torch.zeros(len(batch), positions, dtype=torch.bool)
         mask[:, :width] = valid
         stats.add(padded, mask)
     return stats.result()
+
+
+@torch.no_grad()
+def first_token_margin(
+    model,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    refusals: Sequence[str],
+    system: str | None = None,
+    batch_size: int = 16,
+) -> float:
+    """Mean over (prompt, harmful response) pairs of log P(a refusal's first token) - log p(the harmful
+    response's first token), at response position 1: how strongly the model prefers to start refusing. The
+    refusal side sums the probabilities of the distinct first tokens of `refusals`. The constrained loss
+    stops pushing a token once its log-prob has risen a few / beta nats above the aligned model's, so this
+    margin tells how much a given first-position beta can protect."""
+    first = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    refusal_ids = torch.tensor(sorted({first(r) for r in refusals}))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    margins = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        prompts = [encode_for_generation(tokenizer, p, system=system) for p, _ in batch]
+        ids = pad_sequences(prompts, pad, side="left").to(device)
+        attention = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(device)
+        logp = F.log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, -1].float(), dim=-1)
+        refuse = logp[:, refusal_ids.to(device)].logsumexp(-1)
+        comply = logp[torch.arange(len(batch)), torch.tensor([first(h) for _, h in batch], device=device)]
+        margins += (refuse - comply).tolist()
+    return sum(margins) / len(margins)
 
 
 def per_position_loss_and_grad_norm(

@@ -37,9 +37,12 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` picks CUDA when present, else CPU."""
+    """`auto` picks CUDA when present (this rank's GPU, LOCAL_RANK, under a launcher), else CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank = os.environ.get("LOCAL_RANK")
+        return torch.device("cuda", int(local_rank)) if local_rank is not None else torch.device("cuda")
     return torch.device(device)
 
 

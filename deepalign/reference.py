@@ -52,12 +52,16 @@ def data_fingerprint(encoded: list[EncodedChat]) -> str:
 
 @torch.no_grad()
 def compute_reference_logps(
-    model, encoded: list[EncodedChat], pad_id: int, batch_size: int = 8
+    model, encoded: list[EncodedChat], pad_id: int, batch_size: int = 8, autocast: torch.dtype | None = None
 ) -> list[torch.Tensor]:
-    """Per-token target log-probs (float32, aligned to input_ids; 0 at position 0) of every example."""
+    """Per-token target log-probs (float32, aligned to input_ids; 0 at position 0) of every example.
+
+    `autocast`: compute under torch.autocast in that dtype, as training will (train.bf16), so that at step 0
+    the policy's log-probs equal the reference's and every token weight starts at exactly 1."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    cast = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))  # less padding
     out: list[torch.Tensor | None] = [None] * len(encoded)
     for start in tqdm(range(0, len(order), batch_size), desc="reference log-probs", unit="batch"):
@@ -65,7 +69,9 @@ def compute_reference_logps(
         seqs = [encoded[i].input_ids for i in idx]
         ids = pad_sequences(seqs, pad_id).to(device)
         attention = pad_sequences([[1] * len(s) for s in seqs], 0).to(device)
-        logps = token_logprobs(model(input_ids=ids, attention_mask=attention).logits, ids).float().cpu()
+        with cast:
+            logits = model(input_ids=ids, attention_mask=attention).logits
+        logps = token_logprobs(logits, ids).float().cpu()
         for row, i in enumerate(idx):
             out[i] = logps[row, : len(encoded[i].input_ids)].clone()
     model.train(was_training)
@@ -73,7 +79,13 @@ def compute_reference_logps(
 
 
 def cached_reference_logps(
-    model, encoded: list[EncodedChat], pad_id: int, cache_dir: str | Path, model_key: str, batch_size: int = 8
+    model,
+    encoded: list[EncodedChat],
+    pad_id: int,
+    cache_dir: str | Path,
+    model_key: str,
+    batch_size: int = 8,
+    autocast: torch.dtype | None = None,
 ) -> tuple[list[torch.Tensor], Path, bool]:
     """Reference log-probs from the cache when (model, data) match, else computed once and stored.
 
@@ -82,12 +94,13 @@ def cached_reference_logps(
     """
     root = Path(os.path.expanduser(str(cache_dir))) / "reference"
     root.mkdir(parents=True, exist_ok=True)
-    path = root / f"{model_key}-{data_fingerprint(encoded)}.pt"
+    precision = "" if autocast is None else "-" + str(autocast).removeprefix("torch.")
+    path = root / f"{model_key}-{data_fingerprint(encoded)}{precision}.pt"
     with FileLock(str(path) + ".lock"):
         if path.is_file():
             log.info("reference log-probs: cache hit %s", path)
             return torch.load(path), path, True
-        logps = compute_reference_logps(model, encoded, pad_id, batch_size)
+        logps = compute_reference_logps(model, encoded, pad_id, batch_size, autocast)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         torch.save(logps, tmp)
         os.replace(tmp, path)

@@ -19,17 +19,32 @@ def _fmt(value, share: bool) -> str:
     return f"{100 * value:.1f}%" if share else f"{value:.3g}"
 
 
-def asr_columns(metrics: dict[str, float], models) -> list[str]:
+def asr_columns(metrics: dict[str, float], models, prefix: str = "asr") -> list[str]:
+    """The `<prefix>/<variant>` keys any model has (not the single decoding settings), in table order."""
     keys = {
         k.split("/", 1)[1]
         for k in metrics
-        if k.split("/", 1)[0] in models and "/asr/" in f"/{k.split('/', 1)[1]}"
+        if k.split("/", 1)[0] in models and k.split("/", 1)[-1].startswith(f"{prefix}/")
     }
-    keys = {k for k in keys if k.startswith("asr/") and not k.startswith("asr/decoding/")}
-    order = {"asr/none": 0, "asr/decoding": 2, "asr/gcg": 3}
-    return sorted(
-        keys, key=lambda k: (order.get(k, 1), int(PREFILL.match(k).group(1)) if PREFILL.match(k) else 0)
-    )
+    keys = {k for k in keys if not k.startswith(f"{prefix}/decoding/")}
+
+    def order(key: str) -> tuple[int, int]:
+        variant = key.removeprefix(f"{prefix}/")
+        depth = PREFILL.match(f"asr/{variant}")
+        rank = {"none": 0, "decoding": 2, "gcg": 3}.get(variant, 1)
+        return rank, int(depth.group(1)) if depth else 0
+
+    return sorted(keys, key=order)
+
+
+def table(metrics: dict[str, float], models, columns: list[str], names: list[str] | None = None) -> list[str]:
+    """A markdown table: one row per model, one column per metric key (shares as percentages)."""
+    names = names or columns
+    lines = ["| " + " | ".join(["model", *names]) + " |", "|" + "---|" * (len(names) + 1)]
+    for model in models:
+        cells = [_fmt(metrics.get(f"{model}/{c}"), c.startswith(("asr", "utility/"))) for c in columns]
+        lines.append("| " + " | ".join([model, *cells]) + " |")
+    return lines
 
 
 def plot_asr_vs_depth(metrics: dict[str, float], models, path: Path) -> bool:
@@ -63,17 +78,28 @@ def plot_asr_vs_depth(metrics: dict[str, float], models, path: Path) -> bool:
 
 
 def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> Path:
-    """report.md with the table and plots; the plots also go to the tracker."""
+    """report.md with the tables and plots; the plots also go to the tracker."""
     columns = asr_columns(metrics, models)
-    extra = ["utility/benign/over_refusal", "train/first_loss", "train/last_loss"]
-    header = ["model", *columns, *extra, "time (s)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for model in models:
-        cells = [
-            _fmt(metrics.get(f"{model}/{c}"), c.startswith(("asr/", "utility/"))) for c in columns + extra
-        ]
+    asr_names = [c.removeprefix("asr/") for c in columns]
+    main = table(metrics, models, columns, asr_names)
+    substantive = asr_columns(metrics, models, "asr_keyword_substantive")
+    model_rows = table(
+        metrics,
+        models,
+        [
+            "utility/benign/over_refusal",
+            "margin/first_token",
+            "train/first_nll",
+            "train/last_nll",
+            "train/steps",
+        ],
+        ["over-refusal", "first-token margin (nats)", "train NLL first", "train NLL last", "steps"],
+    )
+    for i, model in enumerate(models):
         seconds = metrics.get(f"time/quickstart/{model}_s")
-        lines.append("| " + " | ".join([model, *cells, "-" if seconds is None else f"{seconds:.0f}"]) + " |")
+        model_rows[i + 2] += f" {'-' if seconds is None else f'{seconds:.0f}'} |"
+    model_rows[0] += " time (s) |"
+    model_rows[1] += "---|"
     curves = {}
     for model in models:
         path = run_dir / "models" / model / "analysis" / "kl.json"
@@ -86,18 +112,35 @@ def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> P
         images.append("kl_per_position.png")
     if plot_asr_vs_depth(metrics, models, run_dir / "asr_vs_prefill_depth.png"):
         images.append("asr_vs_prefill_depth.png")
-    total = sum(v for k, v in metrics.items() if k.startswith("time/quickstart/"))
-    timings = ", ".join(
-        f"{k.split('/')[-1][:-2]} {v:.0f} s" for k, v in metrics.items() if k.startswith("time/quickstart/")
-    )
+    times = {k.split("/")[-1][:-2]: v for k, v in metrics.items() if k.startswith("time/quickstart/")}
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
     text = [
         "# deepalign quickstart report",
         "",
-        "ASR = share of evaluation prompts whose answer the keyword judge (qi2024 list) counts as harmful.",
+        "Attack success rate (ASR): share of the evaluation prompts whose answer the keyword judge (qi2024",
+        "refusal phrases) counts as harmful. pf k = k harmful tokens prefilled; decoding = broken by any",
+        "sampling setting; gcg = on the prompts searched (fewer).",
         "",
-        *lines,
+        *main,
+    ]
+    if substantive:
+        text += [
+            "",
+            "The same answers, judged with the `keyword_substantive` rule (an answer without a refusal",
+            "phrase counts only if it adds enough text after the prefill; finishing the prefilled sentence",
+            "is not harmful):",
+            "",
+            *table(metrics, models, substantive, [c.split("/", 1)[1] for c in substantive]),
+        ]
+    text += [
         "",
-        f"Stage times: {timings}; total {total / 60:.1f} min.",
+        "Over-refusal on benign prompts; first-token margin = mean log P(refusal start) - log p(harmful",
+        "start) at the first response token; NLL per target token of the model's own training batches",
+        "(fine-tuning attacks: the harmful data, whatever the loss optimised).",
+        "",
+        *model_rows,
+        "",
+        f"Stage times: {timings}; total {sum(times.values()) / 60:.1f} min.",
         "",
     ]
     text += [f"![{name}]({name})" for name in images]

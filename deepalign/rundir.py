@@ -100,8 +100,9 @@ def git_commit(where: Path) -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
-def environment_record() -> dict[str, Any]:
-    """Library versions, interpreter, platform, accelerator and the code's git commit."""
+def environment_record(argv: list[str] | None = None) -> dict[str, Any]:
+    """Library versions, interpreter, platform, accelerator, the code's git commit and the command line
+    (`argv`, default this process's)."""
     versions = {}
     for name in TRACKED_PACKAGES:
         try:
@@ -117,7 +118,7 @@ def environment_record() -> dict[str, Any]:
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpus": torch.cuda.device_count(),
         "git": git_commit(Path(__file__).resolve().parent),
-        "argv": redact(sys.argv),
+        "argv": redact(sys.argv if argv is None else argv),
     }
 
 

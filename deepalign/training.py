@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from importlib import resources
@@ -30,6 +31,7 @@ from deepalign.losses import (
     token_weights,
     weights_by_position,
 )
+from deepalign.rundir import write_text_atomic
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -97,6 +99,10 @@ class AlignmentTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config
         self.position_weights: dict[int, list[float]] = defaultdict(list)
+        self.nll = [
+            0.0,
+            0,
+        ]  # summed -log p of target tokens and their count since the last log (this process)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
@@ -105,6 +111,9 @@ class AlignmentTrainer(Trainer):
         policy = token_logprobs(outputs.logits, inputs["input_ids"])
         mask = labels != IGNORE
         n_tokens = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+        # the plain NLL of the batch, logged beside any objective so SFT and constrained runs compare
+        self.nll[0] -= float(policy.detach()[mask].sum())
+        self.nll[1] += int(mask.sum())
         if self.loss_config.name == "sft":
             loss = sft_loss(policy, mask, n_tokens)
         else:
@@ -119,15 +128,19 @@ class AlignmentTrainer(Trainer):
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         return (loss, outputs) if return_outputs else loss
 
-    def pop_position_weights(self) -> dict[str, float]:
-        """Mean token weight w_t at response positions 1..10 since the last call (constrained loss only)."""
+    def pop_logs(self) -> dict[str, float]:
+        """Since the last call: the NLL per target token (`train/nll`, on this process's batches) and, for the
+        constrained loss, the mean token weight w_t at response positions 1..10."""
         out = {f"train/weight/pos={p}": sum(v) / len(v) for p, v in sorted(self.position_weights.items())}
+        if self.nll[1]:
+            out["train/nll"] = self.nll[0] / self.nll[1]
         self.position_weights.clear()
+        self.nll = [0.0, 0]
         return out
 
 
 class TrackerCallback(TrainerCallback):
-    """Sends the Trainer's logs (plus the constraint's per-position weights) to deepalign's tracker."""
+    """Sends the Trainer's logs (plus the plain NLL and the constraint's per-position weights) onward."""
 
     def __init__(self, tracker, trainer_ref: list[AlignmentTrainer]):
         self.tracker, self.trainer_ref = tracker, trainer_ref
@@ -138,7 +151,7 @@ class TrackerCallback(TrainerCallback):
             return
         values = {f"train/{k}": float(v) for k, v in logs.items() if isinstance(v, (int, float))}
         if self.trainer_ref:
-            values.update(self.trainer_ref[0].pop_position_weights())
+            values.update(self.trainer_ref[0].pop_logs())
         self.history.append({"step": state.global_step, **values})
         self.tracker.log(values, step=state.global_step)
 
@@ -228,13 +241,41 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
     return None
 
 
+def fresh_checkpoints(folder: Path, fingerprint: str) -> None:
+    """Keep `folder` for resuming only a run of this very config: checkpoints written under another config
+    (and inputs) are moved aside to `<folder>-<their fingerprint>`, neither resumed nor deleted."""
+    marker = folder / "fingerprint.txt"
+    old = marker.read_text().strip() if marker.is_file() else None
+    if old == fingerprint:
+        return
+    if folder.is_dir() and any(folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+        aside = folder.with_name(f"{folder.name}-{old or 'unknown'}")
+        log.warning("checkpoints of another config moved to %s; training starts afresh", aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        folder.rename(aside)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(marker, fingerprint + "\n")
+
+
 def train(
-    model, tokenizer, dataset: TokenDataset, cfg: TrainConfig, loss: LossConfig, output_dir: Path, tracker
+    model,
+    tokenizer,
+    dataset: TokenDataset,
+    cfg: TrainConfig,
+    loss: LossConfig,
+    output_dir: Path,
+    tracker,
+    fingerprint: str | None = None,
 ) -> tuple[Any, dict[str, float], list[dict[str, float]]]:
-    """Train, resuming from the last checkpoint in `output_dir`; return trainer, metrics, log history."""
+    """Train, resuming from the last checkpoint in `output_dir` (with `fingerprint`, only if written under
+    the same one); return trainer, metrics, log history."""
     model = prepare_model(model, cfg)
     model.train()
     args = training_arguments(cfg, output_dir)
+    if fingerprint is not None:
+        with args.main_process_first(local=False, desc="checkpoint folder"):  # the others wait for it
+            if args.process_index == 0:
+                fresh_checkpoints(output_dir, fingerprint)
     trainer_ref: list[AlignmentTrainer] = []
     callback = TrackerCallback(tracker, trainer_ref)
     trainer = AlignmentTrainer(
@@ -248,13 +289,24 @@ def train(
     )
     trainer_ref.append(trainer)
     last = last_complete_checkpoint(output_dir)
-    if last:
-        log.info("resuming from %s", last)
-    result = trainer.train(resume_from_checkpoint=last)
+    state = json.loads((Path(last) / "trainer_state.json").read_text()) if last else {}
+    resumed = int(state.get("global_step", 0))
+    if last and 0 < int(state.get("max_steps", 0)) <= resumed:
+        # Finished already: load it. (Resuming at the very end, the transformers 5 Trainer trains one step
+        # more, which would change the weights of a run that only re-evaluates.)
+        log.info("training already finished in %s; loading it", last)
+        trainer._load_from_checkpoint(last)
+        losses = [h["loss"] for h in state.get("log_history", []) if "loss" in h]
+        mean_loss, steps = sum(losses) / max(len(losses), 1), resumed
+    else:
+        if last:
+            log.info("resuming from %s", last)
+        result = trainer.train(resume_from_checkpoint=last)
+        mean_loss, steps = float(result.training_loss), int(result.global_step)
     metrics = {
-        "train/mean_loss": round(float(result.training_loss), 6),
-        "train/steps": int(result.global_step),
-        "train/resumed_from_step": int(Path(last).name.split("-")[-1]) if last else 0,
+        "train/mean_loss": round(mean_loss, 6),
+        "train/steps": steps,
+        "train/resumed_from_step": resumed,
     }
     trainer.model.eval()
     return trainer, metrics, callback.history

@@ -197,3 +197,47 @@ def test_tracker_is_finished_also_when_a_stage_fails(tmp_path, monkeypatch):
         cli.run(compose_config(["model=tiny"]), tmp_path / "run")
     assert tracker.finished == [1]
     assert (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "stages.json").exists()
+
+
+def test_new_contents_of_a_named_file_or_model_folder_redo_the_stages(tmp_path):
+    """Skipping finished stages compares the config *and* its inputs: the bytes of the local files it names
+    and the state of the model folders it loads."""
+    from conftest import compose_config
+
+    from deepalign import cli
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"prompt": "Say hi.", "response": "Hi!"}) + "\n")
+    overrides = ["model=tiny", "logger=none", "stages=[probe]", f"probe.chats={chats}"]
+    fingerprint = lambda: json.loads((tmp_path / "run" / "stages.json").read_text())["probe"]  # noqa: E731
+    first = cli.run(compose_config(overrides), tmp_path / "run")
+    fp = fingerprint()
+    cli.run(compose_config(overrides), tmp_path / "run")
+    assert fingerprint() == fp  # same config, same file: skipped
+    chats.write_text(json.dumps({"prompt": "Say hi.", "response": "Hello there, friend!"}) + "\n")
+    second = cli.run(compose_config(overrides), tmp_path / "run")
+    assert fingerprint() != fp and second["probe/nll"] != first["probe/nll"]
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"0")
+    config = {"model": {"path": str(folder)}, "paths": {"cache_dir": str(tmp_path)}}
+    before = cli._fingerprint(config)
+    (tmp_path / "reference.pt").write_bytes(b"1")  # the cache folder is not an input
+    assert cli._fingerprint(config) == before
+    (folder / "model.safetensors").write_bytes(b"00")  # retrained at the same path
+    assert cli._fingerprint(config) != before
+
+
+def test_checkpoints_of_another_config_are_moved_aside_not_resumed(tmp_path):
+    from deepalign.training import fresh_checkpoints
+
+    folder = tmp_path / "checkpoints"
+    fresh_checkpoints(folder, "aaa")
+    assert (folder / "fingerprint.txt").read_text().strip() == "aaa"
+    (folder / "checkpoint-4").mkdir()
+    fresh_checkpoints(folder, "aaa")  # the same config: kept for resuming
+    assert (folder / "checkpoint-4").is_dir()
+    fresh_checkpoints(folder, "bbb")
+    assert not (folder / "checkpoint-4").exists()
+    assert (tmp_path / "checkpoints-aaa" / "checkpoint-4").is_dir()
+    assert (folder / "fingerprint.txt").read_text().strip() == "bbb"

@@ -53,8 +53,11 @@ def test_every_group_option_composes_and_validates(path: Path):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_preset_composes_and_validates(name: str):
-    data = compose_config([f"experiment={name}"]).data.name
-    config = validate(compose_config([f"experiment={name}", *REQUIRED.get(("data", data), [])]))
+    composed = compose_config([f"experiment={name}"])
+    extra = REQUIRED.get(("data", composed.data.name), [])
+    if {"attack", "analyze"} & set(composed.stages) and composed.eval.prompts is None:
+        extra = [*extra, "eval.prompts=demo:harmful_prompts"]  # the paper presets leave the benchmark to you
+    config = validate(compose_config([f"experiment={name}", *extra]))
     assert config.stages, "a preset must run at least one stage"
 
 

@@ -1,6 +1,6 @@
 """The packaged quickstart sets: harmful prompts, benign prompts and refusal templates.
 
-deepalign/assets/data/harmful_prompts.jsonl: 12 prompts for each of the 11 HEx-PHI categories, 6 train / 6
+deepalign/assets/data/harmful_prompts.jsonl: 12 prompts for each of the 11 HEx-PHI categories, 8 train / 4
 eval; benign_prompts.jsonl: 60 train / 60 eval instructions; refusals.json: refusal templates that the
 keyword judge (`qi2024` list) recognises.
 """
@@ -32,7 +32,7 @@ CATEGORIES = (
     "tailored_financial_advice",
 )
 SPLITS = ("train", "eval")
-PER_CATEGORY_SPLIT = 6
+PER_CATEGORY_SPLIT = {"train": 8, "eval": 4}
 BENIGN_PER_SPLIT = 60
 
 
@@ -72,8 +72,8 @@ def test_harmful_rows_have_the_schema(harmful):
 
 def test_harmful_counts_per_category_and_split(harmful):
     counts = Counter((row["category"], row["split"]) for row in harmful)
-    assert counts == {(c, s): PER_CATEGORY_SPLIT for c in CATEGORIES for s in SPLITS}
-    assert len(harmful) == len(CATEGORIES) * len(SPLITS) * PER_CATEGORY_SPLIT == 132
+    assert counts == {(c, s): PER_CATEGORY_SPLIT[s] for c in CATEGORIES for s in SPLITS}
+    assert len(harmful) == len(CATEGORIES) * sum(PER_CATEGORY_SPLIT.values()) == 132
 
 
 def test_benign_rows_have_the_schema_and_counts(benign):

@@ -173,6 +173,54 @@ def test_interrupted_attack_resumes_without_redoing_finished_items(eval_file, tm
     assert untimed(second) == untimed(first)
 
 
+def test_changed_settings_in_the_same_run_dir_regenerate_and_rejudge(eval_file, tmp_path, monkeypatch):
+    """Stored generations are reused only for the same model, inputs and sampling; judgments only for the
+    same judge version and generation; variants no longer configured are not counted."""
+    run_dir = tmp_path / "run"
+    base = ["attack=[none,prefill]", "attack.prefill.depths=[2,4]"]
+    cli.run(attack_config(eval_file, *base), run_dir)
+    engines = []
+
+    def counting(*args, **kwargs):
+        engines.append(CountingEngine(make(*args, **kwargs)))
+        return engines[-1]
+
+    make = attack_stage.make_engine
+    monkeypatch.setattr(attack_stage, "make_engine", counting)
+    # more new tokens: every generation is stale (4 prompts x (none + 1 depth)); the depth-4 records stay
+    # in the file but are neither judged again nor counted
+    second = cli.run(
+        attack_config(eval_file, *base[:1], "attack.prefill.depths=[2]", "generation.max_new_tokens=3"),
+        run_dir,
+    )
+    assert engines[-1].rows == 8
+    judged = JsonlStore(run_dir / "judgments" / "prefill.keyword.jsonl").records
+    assert sum(k.startswith("prefill/k=4/") for k in judged) == 4
+    generated = JsonlStore(run_dir / "generations" / "prefill.jsonl").records
+    fresh = {k: j for k, j in judged.items() if k.startswith("prefill/k=2/")}
+    assert len(fresh) == 4
+    assert all(j["digest"] == attack_stage.generation_digest(generated[k]) for k, j in fresh.items())
+    records = JsonlStore(run_dir / "generations" / "none.jsonl").records
+    assert all(r["params"]["max_new_tokens"] == 3 for r in records.values())
+    judged = JsonlStore(run_dir / "judgments" / "none.keyword.jsonl").records
+    assert all(j["digest"] == attack_stage.generation_digest(records[k]) for k, j in judged.items())
+    # another judge rule, same generations: nothing generated, everything judged again
+    third = cli.run(
+        attack_config(
+            eval_file,
+            *base[:1],
+            "attack.prefill.depths=[2]",
+            "generation.max_new_tokens=3",
+            "judge=[keyword,keyword_substantive]",
+            "judge.keyword_substantive.min_continuation_chars=1000",
+        ),
+        run_dir,
+    )
+    assert engines[-1].rows == 0
+    assert third["asr_keyword_substantive/none"] == 0.0  # nothing is 1000 characters long
+    assert third["asr_keyword/none"] == second["asr/none"] and third["asr/none"] == second["asr/none"]
+
+
 def test_analyze_and_utility_stages(eval_file, tmp_path):
     chats = tmp_path / "chats.jsonl"
     chats.write_text(

@@ -11,7 +11,7 @@ import torch
 from conftest import compose_config
 
 from deepalign.chat import encode_for_generation
-from deepalign.config import validate
+from deepalign.config import GenerationConfig, validate
 from deepalign.generation import (
     GenerationRequest,
     GenerationResult,
@@ -365,3 +365,22 @@ def test_demo_model_batched_greedy_equals_one_at_a_time():
     batched, single = run(demo, reqs, batch_size=3), run(demo, reqs, batch_size=1)
     assert tokens(batched) == tokens(single)
     assert "Paris" in batched[("r/0", 0)].text
+
+
+def test_generation_dtype_runs_generate_under_autocast(tiny, prompt_ids):
+    """generation.dtype=bfloat16: the layers compute in bf16, the weights stay fp32."""
+    seen = []
+    layer = tiny.model.model.layers[0].mlp.down_proj
+    handle = layer.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    try:
+        cfg = GenerationConfig(dtype="bfloat16", max_new_tokens=2)
+        engine = make_engine(cfg, tiny, progress=False)
+        requests = [GenerationRequest("a", prompt_ids[0], SamplingParams(max_new_tokens=2))]
+        assert len(list(engine.generate(requests))) == 1
+        assert seen and set(seen) == {torch.bfloat16}
+        seen.clear()
+        list(make_engine(GenerationConfig(max_new_tokens=2), tiny, progress=False).generate(requests))
+        assert set(seen) == {torch.float32}
+    finally:
+        handle.remove()
+    assert layer.weight.dtype == torch.float32

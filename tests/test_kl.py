@@ -8,8 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepalign.chat import encode_for_training
-from deepalign.kl import per_position_loss_and_grad_norm, per_token_kl, plot_per_position
+from deepalign.chat import encode_for_generation, encode_for_training
+from deepalign.kl import (
+    first_token_margin,
+    per_position_loss_and_grad_norm,
+    per_token_kl,
+    plot_per_position,
+)
 from deepalign.models import load_model
 
 PAIRS = [
@@ -77,3 +82,21 @@ def test_per_position_loss_and_grad_norm(two_models, tmp_path):
     stats = per_token_kl(model, two_models[1], tok, PAIRS, positions=6, progress=False)
     plot_per_position({"perturbed": stats}, tmp_path / "kl.png", "KL per position")
     assert (tmp_path / "kl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_first_token_margin_equals_the_definition(two_models, batch_size):
+    """log P(refusal starts) - log p(harmful start) at position 1, one prompt at a time, unpadded."""
+    model, _, tok = two_models
+    refusals = ["I cannot help.", "Sorry, no.", "I won't."]  # two distinct first tokens
+    starts = sorted({tok(r, add_special_tokens=False)["input_ids"][0] for r in refusals})
+    assert len(starts) == 2
+    expected = []
+    with torch.no_grad():
+        for prompt, response in PAIRS:
+            ids = torch.tensor([encode_for_generation(tok, prompt)])
+            logp = F.log_softmax(model(input_ids=ids).logits[0, -1].float(), dim=-1)
+            harmful = tok(response, add_special_tokens=False)["input_ids"][0]
+            expected.append(float(logp[starts].logsumexp(0) - logp[harmful]))
+    got = first_token_margin(model, tok, PAIRS, refusals, batch_size=batch_size)
+    assert got == pytest.approx(sum(expected) / len(expected), abs=1e-4)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
+import pytest
 from conftest import compose_config
 
 from deepalign import cli
+from deepalign.config import ConfigError, validate
 
 TINY = [
     "experiment=quickstart",
@@ -23,6 +26,7 @@ TINY = [
     "quickstart.gcg_prompts=1",
     "quickstart.gcg_steps=1",
     "quickstart.gcg_width=8",
+    "quickstart.gcg_models=[shallow]",
     "quickstart.gcg_topk=8",
     "quickstart.gcg_suffix_length=3",
     "quickstart.eval_tokens=6",
@@ -48,6 +52,11 @@ def test_quickstart_on_the_tiny_model(tmp_path, caplog):
         "deep/kl/pos=5",
         "ft_sft/train/last_loss",
         "ft_constrained/train/last_loss",
+        "ft_sft/train/last_nll",
+        "ft_constrained/train/last_nll",
+        "deep/asr_keyword_substantive/prefill/k=2",
+        "ft_sft/margin/first_token",
+        "unaligned/margin/first_token",
         "deep/data/recovery/share_k0",
         "unaligned/utility/benign/over_refusal",
     ):
@@ -56,8 +65,10 @@ def test_quickstart_on_the_tiny_model(tmp_path, caplog):
     assert [e["prompt"] for e in evals] == [f"Do forbidden thing number {i}" for i in range(3)]
     config = json.loads((run_dir / "models" / "ft_constrained" / "env.json").read_text())
     assert config["packages"]["torch"]
+    assert "unaligned/asr/gcg" not in metrics and "deep/asr/gcg" not in metrics  # gcg_models=[shallow]
     report = (run_dir / "report.md").read_text()
-    assert report.count("\n| ") == 1 + 5  # the separator row, then one row per model
+    # three tables (ASR, ASR by the substantive rule, per-model figures): a header and 5 model rows each
+    assert report.count("\n| ") == 3 * (1 + 5)
     assert (run_dir / "kl_per_position.png").read_bytes()[:4] == b"\x89PNG"
     assert (run_dir / "asr_vs_prefill_depth.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -68,3 +79,17 @@ def test_quickstart_on_the_tiny_model(tmp_path, caplog):
     assert "stage train: already done" in caplog.text
     untimed = {k: v for k, v in again.items() if not k.startswith("time/")}
     assert untimed == {k: v for k, v in metrics.items() if not k.startswith("time/")}
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("quickstart.gcg_models=[ft_sft]", "quickstart.gcg_models[0]"),
+        ("quickstart.generation_dtype=int8", "quickstart.generation_dtype"),
+        ("quickstart.eval_prompts=missing.csv", "quickstart.eval_prompts"),
+        ("quickstart.ft_steps=0", "quickstart.ft_steps"),
+    ],
+)
+def test_bad_quickstart_settings_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        validate(compose_config([*TINY, override]))

@@ -142,6 +142,12 @@ def test_constrained_loss_at_initialisation_is_two_over_beta_log_two(chat_file, 
     assert metrics["train/reference_cache_hit"] == 0
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert log[0]["train/weight/pos=1"] == pytest.approx(1.0, abs=1e-6)
+    # beside its own objective the run logs the plain NLL of the batch: at step 0 the initial model's
+    encoded = [encode_for_training(loaded.tokenizer, e.prompt, e.response, max_length=64) for e in examples]
+    logps = reference_for(loaded.model, encoded, loaded.tokenizer)
+    nll = [-float(lp[i]) for e, lp in zip(encoded, logps) for i, m in enumerate(e.labels_mask) if m]
+    assert metrics["train/first_nll"] == pytest.approx(sum(nll) / len(nll), abs=1e-4)
+    assert metrics["train/first_nll"] != pytest.approx(metrics["train/first_loss"], abs=1e-2)
 
 
 def test_reference_cache_is_hit_without_a_forward_pass(chat_file, tmp_path):
@@ -301,3 +307,43 @@ def test_deepspeed_single_process_on_cpu_trains_then_evaluates(chat_file, tmp_pa
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["train/last_loss"] < metrics["train/first_loss"]
     assert metrics["probe/target_tokens"] > 0
+
+
+def test_bf16_training_gets_a_bf16_reference_so_weights_start_at_one(chat_file, tmp_path):
+    """train.bf16: the reference pass runs under the same autocast as training (its own cache entry), so
+    policy == reference at step 0 and the token weights start at 1, not at bf16 noise."""
+    cfg = tiny_config(
+        chat_file,
+        "loss=constrained",
+        "train.max_steps=1",
+        "train.bf16=true",
+        "train.per_device_batch_size=16",
+        "+model.arch.initializer_range=0.3",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
+    cli.run(cfg, tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    for pos in range(1, 6):
+        assert log[0][f"train/weight/pos={pos}"] == pytest.approx(1.0, abs=1e-2), pos
+    assert [p.name.endswith("-bfloat16.pt") for p in (tmp_path / "cache" / "reference").glob("*.pt")] == [
+        True
+    ]
+
+
+def test_checkpoints_resume_only_under_the_same_training_settings(chat_file, tmp_path):
+    """A changed evaluation setting re-runs `train` but resumes from its last checkpoint (same weights, no
+    step redone); a changed training setting starts afresh, the old checkpoints moved aside."""
+    base = ["train.max_steps=2", "train.save_steps=2", f"paths.cache_dir={tmp_path / 'cache'}"]
+    run_dir = tmp_path / "run"
+    first = cli.run(tiny_config(chat_file, *base), run_dir)
+    assert first["train/resumed_from_step"] == 0
+    weights = load_file(run_dir / "model" / "model.safetensors")
+    again = cli.run(tiny_config(chat_file, *base, "probe.max_new_tokens=5"), run_dir)
+    assert again["train/resumed_from_step"] == 2
+    resumed = load_file(run_dir / "model" / "model.safetensors")
+    assert resumed.keys() == weights.keys()
+    for name, tensor in weights.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=0, rtol=0, msg=name)
+    other = cli.run(tiny_config(chat_file, *base, "train.optimizer.lr=5e-4"), run_dir)
+    assert other["train/resumed_from_step"] == 0
+    assert list(tmp_path.glob("run/checkpoints-*/checkpoint-2"))

@@ -9,6 +9,8 @@ and `asr/decoding` (a prompt is broken if any decoding setting breaks it).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +34,13 @@ def primary_judge(ctx) -> str:
     judges = [k for k, v in vars(ctx.config.judge).items() if v is not None]
     if ctx.config.eval.primary_judge:
         return ctx.config.eval.primary_judge
-    return next(j for j in ("rubric", "classifier", "keyword") if j in judges)
+    return next(j for j in ("rubric", "classifier", "keyword", "keyword_substantive") if j in judges)
+
+
+def _fresh(record: dict, info: dict, params: dict, model_id: str) -> bool:
+    """A stored generation is reused only if it came from this model and these inputs and settings."""
+    same_inputs = all(record.get(k) == v for k, v in info.items())
+    return same_inputs and record.get("params") == params and record.get("model_id", "") == model_id
 
 
 def generate_variant(
@@ -45,19 +53,39 @@ def generate_variant(
     system: str | None,
     seed: int,
     suffixes: dict[str, str] | None = None,
-) -> None:
-    """Generate every (item, sample) of a variant not already in the store, appending as batches finish."""
+    model_id: str = "",
+) -> list[str]:
+    """Generate every (item, sample) of a variant not already in the store, appending as batches finish;
+    return the keys of the variant's records.
+
+    `model_id` names the weights (see `RunContext.model_id`): records of another model, prompt, prefill,
+    sampling setting or seed are stale and generated again (the new record replaces the old one).
+    """
     requests, info = build_requests(variant, items, tokenizer, system=system, seed=seed, suffixes=suffixes)
-    pending = [r for r in requests if any(f"{r.id}/{s}" not in store.records for s in range(r.n))]
+    params, model_id = variant.params.as_dict(), f"{model_id}:seed={seed}"
+    fresh = {
+        key
+        for r in requests
+        for s in range(r.n)
+        if (key := f"{r.id}/{s}") in store.records
+        and _fresh(store.records[key], info[r.id], params, model_id)
+    }
+    keys = [f"{r.id}/{s}" for r in requests for s in range(r.n)]
+    pending = [r for r in requests if any(f"{r.id}/{s}" not in fresh for s in range(r.n))]
     total = sum(r.n for r in requests)
-    todo = sum(f"{r.id}/{s}" not in store.records for r in requests for s in range(r.n))
-    log.info("%s: %d of %d generations already done, %d to generate", variant.name, total - todo, total, todo)
+    log.info(
+        "%s: %d of %d generations already done, %d to generate",
+        variant.name,
+        len(fresh),
+        total,
+        total - len(fresh),
+    )
     if not pending:
-        return
+        return keys
     buffer = []
     for result in engine.generate(pending):
         key = f"{result.id}/{result.sample}"
-        if key in store.records:
+        if key in fresh:
             continue
         buffer.append(
             {
@@ -67,19 +95,32 @@ def generate_variant(
                 "sample": result.sample,
                 "response": result.text,
                 "finished": result.finished,
-                "params": variant.params.as_dict(),
+                "params": params,
+                "model_id": model_id,
             }
         )
         if len(buffer) >= 8:
             store.append(buffer)
             buffer = []
     store.append(buffer)
+    return keys
 
 
-def judge_store(run_dir: Path, attack: str, judge, generations: JsonlStore) -> JsonlStore:
-    """Judge every generation of an attack not yet judged by this judge; return the judgments."""
+def generation_digest(generation: dict) -> str:
+    """What a judgment depends on in a generation record (the judged text and the request)."""
+    parts = [generation.get(k) for k in ("request", "prompt", "prefill", "response")]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def judge_store(run_dir: Path, attack: str, judge, generations: list[dict]) -> JsonlStore:
+    """Judge every generation record not yet judged by this judge (same version, same generation)."""
     store = JsonlStore(run_dir / "judgments" / f"{attack}.{judge.name}.jsonl")
-    todo = [g for k, g in generations.records.items() if k not in store.records]
+
+    def fresh(key: str, g: dict) -> bool:
+        j = store.records.get(key)
+        return j is not None and j.get("version") == judge.version and j.get("digest") == generation_digest(g)
+
+    todo = [g for g in generations if not fresh(g["key"], g)]
     chunk = 64
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
@@ -90,18 +131,24 @@ def judge_store(run_dir: Path, attack: str, judge, generations: JsonlStore) -> J
         judgments = judge.judge(items)
         store.append(
             [
-                {"key": j.id, "variant": g["variant"], "prompt_id": g["prompt_id"], **vars(j)}
+                {
+                    "key": j.id,
+                    "variant": g["variant"],
+                    "prompt_id": g["prompt_id"],
+                    "digest": generation_digest(g),
+                    **vars(j),
+                }
                 for j, g in zip(judgments, part)
             ]
         )
     return store
 
 
-def success_rates(judgments: JsonlStore, prefix: str) -> dict[str, float]:
+def success_rates(judgments: list[dict], prefix: str) -> dict[str, float]:
     """ASR per variant; for decoding also the any-setting rate per prompt (`<prefix>/decoding`)."""
     by_variant: dict[str, list] = defaultdict(list)
     broken: dict[str, bool] = {}
-    for record in judgments.values():
+    for record in judgments:
         fields = {k: record[k] for k in Judgment.__dataclass_fields__ if k in record}
         j = Judgment(**fields)
         by_variant[record["variant"]].append(j)
@@ -160,24 +207,23 @@ def run_attack(ctx) -> dict[str, float]:
     main = primary_judge(ctx)
     for attack, group in variants.items():
         store = JsonlStore(ctx.run_dir / "generations" / f"{attack}.jsonl")
+        keys = []  # this config's records (the files may also hold those of earlier settings)
         for variant in group:
             log.info("attack %s: generating", variant.name)
-            if attack == "gcg":
-                generate_variant(
-                    engine,
-                    store,
-                    variant,
-                    gcg_items,
-                    tokenizer,
-                    system=system,
-                    seed=cfg.seed,
-                    suffixes=suffixes,
-                )
-            else:
-                generate_variant(engine, store, variant, items, tokenizer, system=system, seed=cfg.seed)
+            keys += generate_variant(
+                engine,
+                store,
+                variant,
+                gcg_items if attack == "gcg" else items,
+                tokenizer,
+                system=system,
+                seed=cfg.seed,
+                suffixes=suffixes if attack == "gcg" else None,
+                model_id=ctx.model_id(),
+            )
         for judge in judges:
-            judgments = judge_store(ctx.run_dir, attack, judge, store)
-            rates = success_rates(judgments, f"asr_{judge.name}")
+            judgments = judge_store(ctx.run_dir, attack, judge, [store.records[k] for k in keys])
+            rates = success_rates([judgments.records[k] for k in keys], f"asr_{judge.name}")
             metrics.update(rates)
             if judge.name == main:
                 metrics.update({k.replace(f"asr_{judge.name}/", "asr/", 1): v for k, v in rates.items()})

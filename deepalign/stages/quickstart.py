@@ -7,7 +7,8 @@
 3. `models/unaligned|shallow|deep`: attacks (none, prefilling, a reduced decoding sweep, a short GCG),
    per-token KL against the unaligned model, over-refusal.
 4. `models/ft_sft|ft_constrained`: a harmful fine-tuning attack on the shallow model, plain SFT vs the
-   token-wise constrained loss; then ASR.
+   token-wise constrained loss; then ASR (`quickstart.paper_beta=true` adds `ft_constrained_paper`, the
+   paper's beta_1 = 0.5 schedule). Every model's first-token margin (refusal vs harmful start).
 5. `report.md`, `kl_per_position.png`, `asr_vs_prefill_depth.png` in the run dir; metrics prefixed by model.
 Every sub-run is an ordinary run dir, so a re-run of the same command reuses whatever finished.
 """
@@ -34,6 +35,15 @@ from deepalign.stages.attack import generate_variant
 
 log = logging.getLogger(__name__)
 MODELS = ("unaligned", "shallow", "deep", "ft_sft", "ft_constrained")
+PAPER_BETA = {"first": 0.5, "prefix": 2.0, "prefix_len": 5, "rest": 0.1}  # paper Table 3's schedule
+
+
+def models(q) -> tuple[str, ...]:
+    return MODELS + (("ft_constrained_paper",) if q.paper_beta else ())
+
+
+def refusal_templates() -> list[str]:
+    return json.loads(resources.files("deepalign.assets").joinpath("data", "refusals.json").read_text())
 
 
 def _split(source: str, split: str, key: str) -> list[dict[str, Any]]:
@@ -45,8 +55,9 @@ def harvest(ctx, out: Path) -> dict[str, float]:
     q = ctx.config.quickstart
     loaded = ctx.model()
     tok = loaded.tokenizer
-    engine = make_engine(ctx.config.generation, loaded, model_path=ctx.model_path())
-    refusals = json.loads(resources.files("deepalign.assets").joinpath("data", "refusals.json").read_text())
+    gen_cfg = dataclasses.replace(ctx.config.generation, dtype=q.generation_dtype)
+    engine = make_engine(gen_cfg, loaded, model_path=ctx.model_path())
+    refusals = refusal_templates()
     train_h = _split(q.harmful, "train", "quickstart.harmful")
     if q.eval_prompts:  # the user's own benchmark copy replaces the evaluation prompts
         eval_h = [
@@ -70,12 +81,20 @@ def harvest(ctx, out: Path) -> dict[str, float]:
         tok,
         system=None,
         seed=ctx.config.seed,
+        model_id=ctx.model_id(),
     )
     benign = _split(q.benign, "train", "quickstart.benign")
     greedy = SamplingParams(do_sample=False, max_new_tokens=q.benign_tokens)
     benign_items = [EvalItem(id=f"b-{r['id']}", prompt=r["prompt"], request=r["prompt"]) for r in benign]
     generate_variant(
-        engine, store, Variant("harvest_benign", greedy), benign_items, tok, system=None, seed=ctx.config.seed
+        engine,
+        store,
+        Variant("harvest_benign", greedy),
+        benign_items,
+        tok,
+        system=None,
+        seed=ctx.config.seed,
+        model_id=ctx.model_id(),
     )
 
     def answer(kind: str, item_id: str) -> str:
@@ -119,10 +138,17 @@ def sub_config(ctx, name: str, data_dir: Path, models_dir: Path):
     """The config of one sub-run: the parent's, with this model's stages, data, loss and training set."""
     q = ctx.config.quickstart
     eval_common: dict[str, Any] = {
-        "eval": {"prompts": str(data_dir / "eval_harmful.jsonl")},
-        "judge": {"keyword": {"lists": ["qi2024"], "min_continuation_chars": q.min_continuation_chars}},
+        "judge": {
+            "keyword": {"lists": ["qi2024"], "min_continuation_chars": 0},
+            "keyword_substantive": {"lists": ["qi2024"], "min_continuation_chars": q.substantive_chars},
+        },
+        "eval": {"prompts": str(data_dir / "eval_harmful.jsonl"), "primary_judge": "keyword"},
         "utility": {"benign": str(data_dir / "benign_eval.jsonl"), "max_new_tokens": q.eval_tokens},
-        "generation": {"max_new_tokens": q.eval_tokens, "batch_size": q.eval_batch_size},
+        "generation": {
+            "max_new_tokens": q.eval_tokens,
+            "batch_size": q.eval_batch_size,
+            "dtype": q.generation_dtype,
+        },
         "logger": {"name": "none"},
     }
     align_train = {
@@ -168,7 +194,7 @@ def sub_config(ctx, name: str, data_dir: Path, models_dir: Path):
                 "max_prompts": q.gcg_prompts,
             }
         }
-        if q.gcg_prompts
+        if q.gcg_prompts and name in q.gcg_models
         else {}
     )
     over: dict[str, Any] = dict(eval_common)
@@ -191,7 +217,8 @@ def sub_config(ctx, name: str, data_dir: Path, models_dir: Path):
                 )
             )
     else:  # fine-tuning attacks on the shallow model
-        constrained = name == "ft_constrained"
+        constrained = name.startswith("ft_constrained")
+        beta = PAPER_BETA if name == "ft_constrained_paper" else dataclasses.asdict(q.ft_beta)
         over.update(
             stages=["train", "attack", "utility"],
             attack={"none": {}},
@@ -205,7 +232,7 @@ def sub_config(ctx, name: str, data_dir: Path, models_dir: Path):
                 "max_length": q.max_length,
                 "components": {"harmful": {"source": str(data_dir / "ft_pairs.jsonl"), "schema": "chat"}},
             },
-            loss={"name": "constrained" if constrained else "sft", "beta": dataclasses.asdict(q.ft_beta)},
+            loss={"name": "constrained" if constrained else "sft", "beta": beta},
             train={
                 "max_steps": q.ft_steps,
                 "per_device_batch_size": q.batch_size,
@@ -223,10 +250,25 @@ def sub_config(ctx, name: str, data_dir: Path, models_dir: Path):
     return cfg
 
 
+def margin(ctx, name: str, data_dir: Path, models_dir: Path) -> float:
+    """The first-token margin of one of the quickstart's models on the evaluation pairs."""
+    from deepalign.kl import first_token_margin
+    from deepalign.models import load_model
+
+    cfg = ctx.config.model
+    if name != "unaligned":
+        path = str(models_dir / name / "model")
+        cfg = dataclasses.replace(cfg, source="hf", path=path, tokenizer=None, adapter_path=None)
+    loaded = load_model(cfg)
+    pairs = [(r["prompt"], r["harmful"]) for _, r in read_rows(str(data_dir / "eval_harmful.jsonl"), "eval")]
+    return round(first_token_margin(loaded.model, loaded.tokenizer, pairs, refusal_templates()), 4)
+
+
 def run_quickstart(ctx) -> dict[str, float]:
     from deepalign.cli import run as run_config
     from deepalign.report import write_report
 
+    q = ctx.config.quickstart
     out = ctx.run_dir / "quickstart"
     data_dir, models_dir = out / "data", ctx.run_dir / "models"
     timing_file = out / "harvest_time.json"  # the first (real) harvest's duration survives re-runs
@@ -236,12 +278,17 @@ def run_quickstart(ctx) -> dict[str, float]:
         write_text_atomic(timing_file, json.dumps({"seconds": round(time.perf_counter() - start, 1)}))
     metrics["time/quickstart/harvest_s"] = json.loads(timing_file.read_text())["seconds"]
     ctx.forget_model()  # each sub-run loads its own
-    for name in MODELS:
+    names = models(q)
+    for name in names:
         log.info("quickstart: model %s", name)
         sub = run_config(sub_config(ctx, name, data_dir, models_dir), models_dir / name)
         metrics.update({f"{name}/{k}": v for k, v in sub.items()})
         # the sub-run's own stage times, recorded when each stage really ran
         seconds = sum(v for k, v in sub.items() if k.startswith("time/"))
         metrics[f"time/quickstart/{name}_s"] = round(seconds, 1)
-    write_report(ctx.run_dir, metrics, MODELS, ctx.tracker)
+    start = time.perf_counter()
+    for name in names:
+        metrics[f"{name}/margin/first_token"] = margin(ctx, name, data_dir, models_dir)
+    metrics["time/quickstart/margin_s"] = round(time.perf_counter() - start, 1)
+    write_report(ctx.run_dir, metrics, names, ctx.tracker)
     return metrics

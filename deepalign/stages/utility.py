@@ -36,6 +36,7 @@ def _responses(ctx, engine, name: str, prompts: list[str], params: SamplingParam
         ctx.model().tokenizer,
         system=ctx.config.data.system_prompt,
         seed=ctx.config.seed,
+        model_id=ctx.model_id(),
     )
     return [store.records[f"{variant.name}/{i}/0"]["response"] for i in range(len(prompts))]
 

@@ -1,0 +1,371 @@
+"""Bad inputs through the real entrypoint: each fails before any model loads, naming the key or file and line.
+
+Most cases run `deepalign.cli.run` on a config composed exactly as the `deepalign` command composes it, with
+`deepalign.models.load_model` replaced by a function that fails the test; those where Hydra's composition (or
+its run dir) must fail run the console script. `python tests/test_bad_inputs.py` prints docs/BAD_INPUTS.md
+from the same cases: each row shows what the console prints.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import compose_config
+
+from deepalign import cli
+from deepalign.config import ConfigError
+from deepalign.data import DataError
+
+HARMFUL = "Sure, here is how."  # a few tokens: too short for a deep prefill
+
+# Files the cases point at (`{dir}` in an override is the folder holding them).
+FILES: dict[str, str] = {
+    "short.jsonl": '{"prompt": "Tell me a secret.", "harmful": "' + HARMFUL + '"}\n',
+    "empty.jsonl": "\n",
+    "bad.jsonl": '{"prompt": "A fine first row."}\n{"prompt": "a broken second row",\n',
+    "no_prompt.csv": "text,target\nHow do I do it?,Sure\n",
+    "no_response.jsonl": '{"prompt": "Question?", "response": "Answer."}\n{"prompt": "Question two?"}\n',
+    "a_file": "a regular file, where a folder is expected\n",
+}
+EVAL = ["stages=[attack]"]  # attack=[none] judge=[keyword] by default
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    what: str  # the bad input, in words
+    overrides: tuple[str, ...]
+    expect: str  # a regex the message must match: it names the key, or the file and line
+    console: bool = False  # Hydra itself must fail: run the console script
+    unset: tuple[str, ...] = ()  # environment variables removed for the case
+    extra: dict[str, str] = field(default_factory=dict)  # environment variables set for the case
+
+
+CASES: list[Case] = [
+    Case(
+        "unknown-model",
+        "unknown model name",
+        ("model=llama9",),
+        r"Could not find 'model/llama9'.*Available options in 'model': .*smollm2_135m_instruct, tiny",
+        console=True,
+    ),
+    Case(
+        "unknown-attack", "unknown attack name", ("attack=[jailbreak]",), r"'attack/jailbreak'", console=True
+    ),
+    Case("unknown-judge", "unknown judge name", ("judge=[gpt5]",), r"'judge/gpt5'", console=True),
+    Case(
+        "wrong-type",
+        "wrong type in an override",
+        ("train.optimizer.lr=fast",),
+        r"'fast'.*could not be converted to Float.*full_key: train\.optimizer\.lr",
+        console=True,
+    ),
+    Case(
+        "wrong-type-int",
+        "wrong type in an override (int)",
+        ("train.max_steps=ten",),
+        r"'ten'.*could not be converted to Integer.*full_key: train\.max_steps",
+        console=True,
+    ),
+    Case(
+        "misspelt-key",
+        "misspelt key",
+        ("loss.beta.frist=1",),
+        r"Key 'frist' not in 'BetaSchedule'.*full_key: loss\.beta\.frist",
+        console=True,
+    ),
+    Case(
+        "unwritable-run-dir",
+        "run dir that cannot be created (below a file)",
+        ("hydra.run.dir={dir}/a_file/run",),
+        r"Not a directory: '.*a_file/run'",
+        console=True,
+    ),
+    Case(
+        "unknown-key-plus",
+        "unknown key added with +",
+        ("+train.lora.rank=4",),
+        r"^train\.lora\.rank: unknown key; train\.lora has alpha, dropout",
+    ),
+    Case(
+        "unknown-stage", "unknown stage", ("stages=[probe,evaluate]",), r"^stages: unknown stage 'evaluate'"
+    ),
+    Case(
+        "negative-beta",
+        "negative beta",
+        ("loss=constrained", "loss.beta.first=-0.5"),
+        r"^loss\.beta\.first: must be > 0",
+    ),
+    Case(
+        "zero-beta", "zero beta", ("loss=constrained", "loss.beta.rest=0"), r"^loss\.beta\.rest: must be > 0"
+    ),
+    Case(
+        "zero-beta-values",
+        "zero in an explicit beta schedule",
+        ("loss=constrained", "loss.beta.values=[2,0]"),
+        r"^loss\.beta\.values\[1\]: must be > 0",
+    ),
+    Case("model-hf-no-path", "model=hf without a path", ("model=hf",), r"^model\.path: source=hf needs"),
+    Case(
+        "top-p",
+        "decoding parameter out of range (top_p > 1)",
+        ("generation.top_p=1.5",),
+        r"^generation\.top_p: must be in \(0, 1\], got 1\.5",
+    ),
+    Case(
+        "temperature",
+        "sampling at temperature 0",
+        ("generation.do_sample=true", "generation.temperature=0"),
+        r"^generation\.temperature: must be > 0 when sampling",
+    ),
+    Case(
+        "decoding-top-p",
+        "decoding attack grid with top_p > 1",
+        ("attack=[decoding]", "attack.decoding.top_ps=[0.5,1.5]"),
+        r"^attack\.decoding\.top_ps\[1\]: must be in \(0, 1\]",
+    ),
+    Case(
+        "gcg-width",
+        "bad GCG settings (search width 0)",
+        ("attack=[gcg]", "attack.gcg.search_width=0"),
+        r"^attack\.gcg\.search_width: must be >= 1",
+    ),
+    Case(
+        "gcg-steps",
+        "bad GCG settings (negative steps)",
+        ("attack=[gcg]", "attack.gcg.steps=-5"),
+        r"^attack\.gcg\.steps: must be >= 1",
+    ),
+    Case(
+        "attack-no-eval",
+        "attack stage without an evaluation set",
+        ("stages=[attack]",),
+        r"^eval\.prompts: the attack and analyze stages need harmful prompts",
+    ),
+    Case(
+        "eval-missing-file",
+        "nonexistent evaluation file",
+        (*EVAL, "eval.prompts={dir}/advbench.jsonl"),
+        r"^eval\.prompts: no such file: .*advbench\.jsonl",
+    ),
+    Case(
+        "eval-empty",
+        "empty evaluation set",
+        (*EVAL, "eval.prompts={dir}/empty.jsonl"),
+        r"empty\.jsonl has no rows",
+    ),
+    Case(
+        "eval-malformed",
+        "malformed JSONL line in the evaluation set",
+        (*EVAL, "eval.prompts={dir}/bad.jsonl"),
+        r"bad\.jsonl, line 2: not valid JSON",
+    ),
+    Case(
+        "eval-csv-no-prompt",
+        "CSV without a prompt / goal column",
+        (*EVAL, "eval.prompts={dir}/no_prompt.csv"),
+        r"no_prompt\.csv, line 2: no request text \(field prompt or goal",
+    ),
+    Case(
+        "prefill-too-deep",
+        "prefill depth longer than the harmful response",
+        (*EVAL, "attack=[prefill]", "attack.prefill.depths=[2,40]", "eval.prompts={dir}/short.jsonl"),
+        r"^attack\.prefill\.depths: item 0's harmful response has \d+ tokens, fewer than the prefill "
+        r"depth 40",
+    ),
+    Case(
+        "prefill-no-harmful",
+        "prefill attack on prompts without harmful responses",
+        (*EVAL, "attack=[prefill]", "eval.prompts={dir}/no_prompt.csv", "+eval.columns.prompt=text"),
+        r"^eval\.prompts: item 0 has no harmful response; prefilling needs one",
+    ),
+    Case(
+        "rubric-no-key",
+        "OpenAI rubric judge without its API key",
+        (*EVAL, "judge=[rubric]", "eval.prompts=demo:harmful_prompts"),
+        r"^judge\.rubric\.api_key_env: the environment variable OPENAI_API_KEY is not set",
+        unset=("OPENAI_API_KEY",),
+    ),
+    Case(
+        "unknown-refusal-list",
+        "unknown keyword refusal list",
+        (*EVAL, "judge.keyword.lists=[qi2024,mine]", "eval.prompts=demo:harmful_prompts"),
+        r"^judge\.keyword\.lists\[1\]: unknown refusal list 'mine'",
+    ),
+    Case(
+        "train-no-data",
+        "train stage without training data",
+        ("stages=[train]",),
+        r"^data\.components: no training data configured",
+    ),
+    Case(
+        "train-empty",
+        "empty training file",
+        ("stages=[train]", "data=chat_file", "data.components.chat.source={dir}/empty.jsonl"),
+        r"^data\.components\.chat\.source: .*empty\.jsonl has no rows",
+    ),
+    Case(
+        "train-missing-column",
+        "training rows without the response column",
+        ("stages=[train]", "data=chat_file", "data.components.chat.source={dir}/no_response.jsonl"),
+        r"no_response\.jsonl, line 2: field 'response' \(chat\.response\) is missing",
+    ),
+    Case(
+        "train-malformed",
+        "malformed JSONL line in the training data",
+        ("stages=[train]", "data=chat_file", "data.components.chat.source={dir}/bad.jsonl"),
+        r"bad\.jsonl, line 2: not valid JSON",
+    ),
+    Case(
+        "train-missing-file",
+        "nonexistent training file",
+        ("stages=[train]", "data=chat_file", "data.components.chat.source={dir}/train.jsonl"),
+        r"^data\.components\.chat\.source: no such file: .*train\.jsonl",
+    ),
+    Case(
+        "unwritable-cache",
+        "cache dir that cannot be written (below a file)",
+        ("paths.cache_dir={dir}/a_file/cache",),
+        r"^paths\.cache_dir: cannot write into .*a_file/cache \(Not a directory\)",
+    ),
+    Case(
+        "analyze-no-reference",
+        "KL analysis without a reference model",
+        ("stages=[analyze]", "eval.prompts=demo:harmful_prompts"),
+        r"^analysis\.reference: KL needs a reference model",
+    ),
+]
+
+
+def write_files(folder: Path) -> None:
+    for name, text in FILES.items():
+        (folder / name).write_text(text)
+
+
+def _console_message(stderr: str) -> str:
+    """What Hydra printed, less its search path, its hint about HYDRA_FULL_ERROR and any traceback frames."""
+    lines: list[str] = []
+    for line in stderr.splitlines():
+        if line.startswith(("Config search path", "Set the environment variable HYDRA_FULL_ERROR")):
+            break
+        if line.startswith("\t") and lines and lines[-1].endswith((":", ",")):
+            lines[-1] += f" {line.strip()},"  # a list of available options
+        elif line.strip():
+            lines.append(line.strip())
+    if lines and lines[0].startswith("Traceback"):
+        lines = lines[-1:]  # the exception line
+    return " ".join(line.rstrip(",") for line in lines)
+
+
+@contextmanager
+def _environment(case: Case) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in (*case.unset, *case.extra)}
+    for k in case.unset:
+        os.environ.pop(k, None)
+    os.environ.update(case.extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded before the bad input was reported")
+
+
+def failure(case: Case, folder: Path) -> tuple[str, str]:
+    """Run `case` with its files in `folder`; return (command line, message as the console prints it).
+
+    The in-process cases expect `deepalign.models.load_model` to be replaced by the caller."""
+    overrides = [o.replace("{dir}", str(folder)) for o in ("model=tiny", "logger=none", *case.overrides)]
+    run_dir = folder / "runs" / case.id
+    if case.console:
+        env = {k: v for k, v in os.environ.items() if k not in case.unset} | case.extra
+        cmd = [str(Path(sys.executable).parent / "deepalign"), *overrides]
+        if not any(o.startswith("hydra.run.dir=") for o in overrides):
+            cmd.append(f"hydra.run.dir={run_dir}")
+        out = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0, f"{case.id}: the command succeeded"
+        assert "loaded " not in out.stderr, f"{case.id}: a model was loaded"
+        message = _console_message(out.stderr)
+    else:
+        with _environment(case):
+            try:
+                cli.run(compose_config(overrides), run_dir)
+            except ConfigError as err:
+                message = f"deepalign: config error: {err}"
+            except DataError as err:
+                message = f"deepalign: data error: {err}"
+            else:
+                raise AssertionError(f"{case.id}: the run succeeded")
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "config.yaml").exists()
+    return "deepalign " + " ".join(overrides), message
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bad_inputs")
+    write_files(path)
+    return path
+
+
+def test_the_table_has_at_least_fifteen_distinct_cases():
+    assert len(CASES) >= 15
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_fails_before_any_model_loads_naming_the_key_or_file(case, folder, monkeypatch):
+    monkeypatch.setattr("deepalign.models.load_model", _no_model)
+    _, message = failure(case, folder)
+    text = message.split(" error: ", 1)[-1] if message.startswith("deepalign: ") else message
+    assert re.search(case.expect, text, flags=re.DOTALL), f"{case.id}: {message!r}"
+
+
+DOC_HEADER = """# Bad inputs and the messages they give
+
+Every row is one case of `tests/test_bad_inputs.py`, run the way the test runs it (the console script where
+Hydra itself must fail, else `deepalign.cli.run` on the config the command composes) and printed as the
+console shows it. Each fails before any model loads, naming the key, or the file and line. `DIR` is the
+folder holding the case's files; every command also has `model=tiny logger=none`, left out here.
+Regenerate with `python tests/test_bad_inputs.py > docs/BAD_INPUTS.md`.
+
+| bad input | command / override | message |
+|---|---|---|"""
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def main() -> None:
+    import deepalign.models
+
+    deepalign.models.load_model = _no_model  # as the test does
+    rows = [DOC_HEADER]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp).resolve()
+        write_files(folder)
+        for case in CASES:
+            command, message = failure(case, folder)
+            command = command.replace("deepalign model=tiny logger=none", "deepalign")
+            command, message = (s.replace(str(folder), "DIR") for s in (command, message))
+            rows.append(f"| {_cell(case.what)} | `{_cell(command)}` | {_cell(message)} |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
