@@ -60,7 +60,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 def train_and_attack(inputs: dict[str, Path], run_dir: Path, cache: Path, *extra: str) -> list[str]:
     """A short constrained fine-tune then sampled and prefilled attacks; each run gets its own cold
     reference cache (the converted tokenizer is shared)."""
-    models = validate(compose_config(["model=tiny"])).model.cache_dir
+    models = Path(validate(compose_config(["model=tiny"])).model.cache_dir).expanduser()
     return [
         "model=tiny",
         "logger=none",
@@ -200,7 +200,7 @@ def test_sigkill_during_judging_then_rerun_asks_only_for_the_unstored_judgments(
         "judge.rubric.concurrency=1",
         "generation.max_new_tokens=4",
         f"paths.cache_dir={cache}",
-        f"model.cache_dir={validate(compose_config(['model=tiny'])).model.cache_dir}",
+        f"model.cache_dir={Path(validate(compose_config(['model=tiny'])).model.cache_dir).expanduser()}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     env = {"OPENAI_API_KEY": "sk-fakeKeyForTheLocalServer0123456789"}
