@@ -160,6 +160,7 @@ def sub_config(ctx, name: str, data_dir: Path, models_dir: Path):
         "freeze_embeddings": True,
         "lr_scheduler": "constant_with_warmup",
         "save_steps": 10,
+        "save_total_limit": 1,  # a demo-model checkpoint with optimizer state: ~1.6 GB
     }
     align_data = {
         "safety_share": 0.5,
@@ -242,6 +243,7 @@ def sub_config(ctx, name: str, data_dir: Path, models_dir: Path):
                 "warmup_steps": 2 if constrained else 0,
                 "lr_scheduler": "constant_with_warmup",
                 "save_steps": 10,
+                "save_total_limit": 1,  # a demo-model checkpoint with optimizer state: ~1.6 GB
             },
         )
     with open_dict(ctx.raw_config):  # new keys under typed dicts (data.components.*), still type-checked
