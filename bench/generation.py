@@ -1,6 +1,7 @@
-"""Batched generation (deepalign.generation.HFEngine) vs one prompt at a time with `model.generate`.
+"""Batched generation (deepalign.generation.HFEngine) vs one prompt at a time with `model.generate`, and the
+engine's per-row sampler vs greedy decoding at the same shape.
 
-    python bench/generation.py                 # SmolLM2-135M-Instruct, 32 prompts, 32 new tokens, greedy
+    python bench/generation.py                 # SmolLM2-135M-Instruct, 32 prompts, 32 new tokens
     python bench/generation.py --quick         # the tiny random model, 8 prompts, 8 new tokens
 
 The prompts are the packaged benign prompts, chat-formatted through the tokenizer's template
@@ -9,6 +10,13 @@ at a time with the engine's own settings (greedy, its EOS ids and pad id, KV cac
 on the left and runs it in one call. Tokens/s counts generated tokens up to EOS (EOS and padding excluded),
 so a batch gets no credit for the padding of rows that finished early. All variants run in one process, one
 after the other, after one warm-up call.
+
+The second table runs the same prompts at the largest batch size, greedy and sampled (each sample drawn from
+its own seeded generator, see `RowSampler`), next to transformers' own sampler (one RNG for the whole batch,
+so a row's sample depends on its batch). A sampled row can stop at EOS earlier or later than the greedy one,
+so the comparison is per decoding step: a batch runs until its longest row ends, and its steps are that
+row's length (EOS included); time per step = the wall time of `generate` / the steps of all batches. Each
+variant runs `--repeats` times, in rounds over all variants, and the median run is reported.
 """
 
 from __future__ import annotations
@@ -65,6 +73,67 @@ def engine_params(max_new_tokens: int):
     return SamplingParams(do_sample=False, max_new_tokens=max_new_tokens)
 
 
+def decoding_steps(lengths: list[list[int]], max_new_tokens: int) -> int:
+    """The forward passes of batches whose rows generated these lengths (EOS included)."""
+    return sum(min(max(batch), max_new_tokens) for batch in lengths)
+
+
+def with_steps(engine, ids: list[list[int]], params) -> tuple[float, int, int, float | None]:
+    """Seconds, generated tokens (up to EOS) and decoding steps of the engine on these prompts (its stats),
+    and the seconds spent in the per-row sampler (`RowSampler` calls)."""
+    from deepalign.generation import GenerationRequest, RowSampler
+
+    requests = [GenerationRequest(id=str(i), input_ids=row, params=params) for i, row in enumerate(ids)]
+    untimed, in_sampler = RowSampler.__call__, [0.0]
+
+    def timed(sampler, input_ids, scores):
+        start = time.perf_counter()
+        try:
+            return untimed(sampler, input_ids, scores)
+        finally:
+            in_sampler[0] += time.perf_counter() - start
+
+    RowSampler.__call__ = timed
+    try:
+        results = {(r.id, r.sample): r for r in engine.generate(requests)}
+    finally:
+        RowSampler.__call__ = untimed
+    lengths = [
+        [len(results[(r.id, s)].token_ids) + results[(r.id, s)].finished for r, s in batch]
+        for batch in engine.plan(requests)
+    ]
+    stats = engine.stats
+    return stats.seconds, stats.new_tokens, decoding_steps(lengths, params.max_new_tokens), in_sampler[0]
+
+
+def transformers_sampler(engine, ids: list[list[int]], params) -> tuple[float, int, int, float | None]:
+    """The same batches through `model.generate(do_sample=True)`: one RNG for the whole batch."""
+    from deepalign.generation import GenerationRequest
+    from deepalign.logprobs import pad_sequences
+
+    requests = [GenerationRequest(id=str(i), input_ids=row, params=params) for i, row in enumerate(ids)]
+    kwargs = engine._generate_kwargs(params)
+    kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+    eos = set(engine.eos_ids)
+    seconds, tokens, lengths = 0.0, 0, []
+    torch.manual_seed(0)
+    for batch in engine.plan(requests):
+        prompts = [r.input_ids for r, _ in batch]
+        x = pad_sequences(prompts, engine.pad_id, side="left")
+        mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left")
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = engine.model.generate(input_ids=x, attention_mask=mask, **kwargs)
+        seconds += time.perf_counter() - start
+        rows = []
+        for new in out[:, x.shape[1] :].tolist():
+            cut = next((i for i, t in enumerate(new) if t in eos), None)
+            tokens += len(new) if cut is None else cut
+            rows.append(len(new) if cut is None else cut + 1)
+        lengths.append(rows)
+    return seconds, tokens, decoding_steps(lengths, params.max_new_tokens), None
+
+
 def batched(engine, ids: list[list[int]], max_new_tokens: int) -> tuple[float, int]:
     from deepalign.generation import GenerationRequest
 
@@ -86,11 +155,19 @@ def main() -> None:
     parser.add_argument(
         "--autocast", choices=["bfloat16"], help="also run the batched engine under bf16 autocast"
     )
+    parser.add_argument(
+        "--sampling",
+        nargs="*",
+        default=["temperature=0.7", "top_p=0.9"],
+        help="SamplingParams settings to compare with greedy at the largest batch size (none: skip)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each sampling variant (the median)")
     parser.add_argument("--quick", action="store_true", help="tiny random model, 8 prompts, 8 new tokens")
     add_common_arguments(parser)
     args = parser.parse_args()
     if args.quick:
         args.model, args.prompts, args.max_new_tokens, args.batch_sizes = "tiny", 8, 8, [4, 8]
+        args.repeats = 1
     set_threads(args.threads)
 
     from deepalign.chat import encode_for_generation
@@ -124,6 +201,59 @@ def main() -> None:
     for row in rows[1:]:
         speedup = float(row[-1][:-1])
         print(f"- {row[0]} batch {row[1]}: {speedup:.2f}x ({'met' if speedup >= 5 else 'MISSED'})")
+    if args.sampling:
+        batch_size = max(args.batch_sizes)
+        compare_sampling(loaded, ids, batch_size, args.max_new_tokens, args.sampling, args.repeats)
+
+
+def compare_sampling(
+    loaded, ids: list[list[int]], batch_size: int, max_new_tokens: int, settings, repeats: int
+) -> None:
+    """The per-row sampler vs greedy (and transformers' sampler) at one batch size: time per decoding step."""
+    import dataclasses
+
+    from deepalign.generation import HFEngine
+
+    def engine() -> HFEngine:
+        return HFEngine(loaded.model, loaded.tokenizer, batch_size=batch_size, progress=False)
+
+    greedy = engine_params(max_new_tokens)
+    variants = [("greedy", lambda: with_steps(engine(), ids, greedy))]
+    for setting in settings:
+        key, value = setting.split("=")
+        params = dataclasses.replace(greedy, do_sample=True, **{key: type(getattr(greedy, key))(value)})
+        variants.append((f"per-row sampler, {setting}", lambda p=params: with_steps(engine(), ids, p)))
+        variants.append(
+            (f"transformers' sampler, {setting}", lambda p=params: transformers_sampler(engine(), ids, p))
+        )
+    runs: dict[str, list] = {name: [] for name, _ in variants}
+    for _ in range(repeats):  # rounds over all variants, so a busy spell of the machine hits them all
+        for name, measure in variants:
+            runs[name].append(measure())
+    rows, verdicts, base = [], [], 0.0
+    for name, _ in variants:
+        seconds, tokens, steps, in_sampler = sorted(runs[name], key=lambda r: r[0])[len(runs[name]) // 2]
+        per_step = seconds / steps
+        base = base or per_step  # greedy's
+        sampler = "-" if in_sampler is None else f"{in_sampler / steps * 1e3:.0f}"
+        speed = f"{tokens / seconds:.1f}"
+        rows.append([name, f"{seconds:.1f}", tokens, speed, steps, f"{per_step * 1e3:.0f}", sampler])
+        rows[-1].append(f"{per_step / base:.2f}x")
+        if in_sampler and name.startswith("per-row"):
+            verdicts.append((name, per_step / base, 1 + in_sampler / steps / base))
+    print(
+        f"\nSampling vs greedy, batch {batch_size}, up to {max_new_tokens} new tokens, median of {repeats}:\n"
+    )
+    header = ["decoding", "wall (s)", "tokens", "tokens/s", "steps", "ms/step", "in the sampler (ms/step)"]
+    print(markdown_table([*header, "time per step vs greedy"], rows))
+    print(
+        "\nTarget: the per-row sampler within 10% of greedy, time per step <= 1.10x. Measured twice: the "
+        "wall ratio, and (greedy's step + the time in the sampler) / greedy's step, which the machine's "
+        "noise moves far less (the verdict)."
+    )
+    for name, ratio, own in verdicts:
+        verdict = "met" if own <= 1.10 else "MISSED"
+        print(f"- {name}: {ratio:.2f}x wall, {own:.2f}x by the sampler's time ({verdict})")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 The quickstart records `time/quickstart/<part>_s` per part (the harvest, each model's sub-run, the first-token
 margins) and each sub-run its own stage times as `<model>/time/<stage>_s`, both taken when the work really ran
 (a rerun that skips finished stages keeps the first times). The table has one row per part, its stage times
-as columns, and its share of the total.
+as columns, and its share of the total. A second table gives the tokens generated and trained per second of
+each stage that generated or trained (`throughput/...` keys, as in the run's report.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table  # noqa: E402
+
+from deepalign.report import time_rows  # noqa: E402
 
 PART_PREFIX = "time/quickstart/"
 PART_ORDER = ["harvest", "unaligned", "shallow", "deep", "ft_sft", "ft_constrained", "ft_constrained_paper"]
@@ -66,6 +69,22 @@ def main() -> None:
     print(markdown_table(header, rows))
     verdict = "met" if total <= args.budget_min * 60 else "MISSED"
     print(f"\nTotal {total / 60:.1f} min against a budget of {args.budget_min:g} min: {verdict}.")
+    speeds = [
+        [
+            part,
+            stage,
+            f"{seconds:.0f}",
+            "-" if gen is None else f"{gen:.1f}",
+            "-" if train is None else f"{train:.0f}",
+        ]
+        for part, stage, seconds, gen, train in time_rows(metrics, PART_ORDER[1:])
+        if seconds is not None and (gen is not None or train is not None)
+    ]
+    if speeds:
+        print(
+            "\n"
+            + markdown_table(["part", "stage", "seconds", "generation tokens/s", "training tokens/s"], speeds)
+        )
 
 
 if __name__ == "__main__":

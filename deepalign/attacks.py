@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deepalign.chat import encode_for_generation, prefill_text
+from deepalign.chat import encode_for_generation, response_tokens
 from deepalign.config import AttackSuite, DecodingAttack, EvalConfig
 from deepalign.data import DataError, read_rows
 from deepalign.generation import GenerationRequest, SamplingParams
@@ -38,16 +38,24 @@ def _pick(row: dict, explicit: str | None, candidates: tuple[str, ...]) -> str |
 
 
 def read_eval_items(cfg: EvalConfig) -> list[EvalItem]:
-    """Harmful requests from a JSONL (`prompt`), CSV (`prompt` or `goal`), hub set or demo set, checked."""
+    """Harmful requests from a JSONL (`prompt`), CSV (`prompt` or `goal`), hub set or demo set, checked.
+    Ids (an `id` field, else the row number) must be unique: generations and verdicts are stored by id."""
     rows = read_rows(cfg.prompts, "eval.prompts", cfg.split, cfg.subset, cfg.limit)
-    items = []
+    items: list[EvalItem] = []
+    first_seen: dict[str, str] = {}
     for i, (where, row) in enumerate(rows):
+        item_id = str(row.get("id", i))
+        if item_id in first_seen:
+            raise DataError(
+                f"eval.prompts: id {item_id!r} is used twice, in {first_seen[item_id]} and in {where}; "
+                "every request needs its own id"
+            )
+        first_seen[item_id] = where
         request = _pick(row, cfg.columns.get("prompt"), PROMPT_COLUMNS)
         if request is None:
             wanted = cfg.columns.get("prompt") or " or ".join(PROMPT_COLUMNS)
             raise DataError(f"{where}: no request text (field {wanted})")
         prompt = f"{request} {cfg.trigger}" if cfg.trigger else request
-        item_id = str(row.get("id", i))
         harmful = _pick(row, cfg.columns.get("harmful"), HARMFUL_COLUMNS)
         target = _pick(row, cfg.columns.get("target"), TARGET_COLUMNS)
         items.append(EvalItem(id=item_id, prompt=prompt, request=request, harmful=harmful, target=target))
@@ -99,8 +107,11 @@ def attack_variants(suite: AttackSuite, base: SamplingParams) -> dict[str, list[
     return out
 
 
-def check_prefill_depths(items: list[EvalItem], depths: list[int], tokenizer) -> None:
-    """Every item must have a harmful response at least as long as the deepest prefill (before generating)."""
+def check_prefill_depths(
+    items: list[EvalItem], depths: list[int], tokenizer, *, system: str | None = None
+) -> None:
+    """Every item must have a harmful response at least as long as the deepest prefill (before generating),
+    counted in tokens of the rendered chat as the attack cuts them."""
     deepest = max(depths, default=0)
     if deepest == 0:
         return
@@ -110,7 +121,7 @@ def check_prefill_depths(items: list[EvalItem], depths: list[int], tokenizer) ->
                 f"eval.prompts: item {item.id} has no harmful response; prefilling needs one "
                 "(a `harmful` field, or eval.columns.harmful=COLUMN)"
             )
-        n = len(tokenizer(item.harmful, add_special_tokens=False)["input_ids"])
+        n = len(response_tokens(tokenizer, item.prompt, item.harmful, system=system))
         if n < deepest:
             raise DataError(
                 f"attack.prefill.depths: item {item.id}'s harmful response has {n} tokens, "
@@ -118,12 +129,17 @@ def check_prefill_depths(items: list[EvalItem], depths: list[int], tokenizer) ->
             )
 
 
-def variant_prefill(variant: Variant, item: EvalItem, tokenizer) -> str:
-    if variant.prefill is not None:
-        return variant.prefill
+def variant_prefill(
+    variant: Variant, item: EvalItem, prompt: str, tokenizer, *, system: str | None
+) -> tuple[list[int], str]:
+    """The ids to generate from and the prefill they end with. A depth-k prefill is the first k tokens of the
+    harmful response as tokenized inside the rendered chat, cut from that rendering (never re-tokenized), so
+    the request ends with exactly those k tokens; its text is the characters they cover."""
     if variant.depth:
-        return prefill_text(tokenizer, item.harmful or "", variant.depth)
-    return ""
+        tokens = response_tokens(tokenizer, prompt, item.harmful or "", system=system)
+        return tokens.context_ids(variant.depth), tokens.prefix_text(variant.depth)
+    prefill = variant.prefill or ""
+    return encode_for_generation(tokenizer, prompt, system=system, prefill=prefill), prefill
 
 
 def build_requests(
@@ -139,9 +155,8 @@ def build_requests(
     requests, info = [], {}
     for item in items:
         prompt = f"{item.prompt} {suffixes[item.id]}" if suffixes is not None else item.prompt
-        prefill = variant_prefill(variant, item, tokenizer)
+        ids, prefill = variant_prefill(variant, item, prompt, tokenizer, system=system)
         req_id = f"{variant.name}/{item.id}"
-        ids = encode_for_generation(tokenizer, prompt, system=system, prefill=prefill)
         requests.append(
             GenerationRequest(id=req_id, input_ids=ids, params=variant.params, n=variant.n, seed=seed)
         )

@@ -8,6 +8,10 @@ generation prompt), so templates that strip or pad the content (Llama-2, Gemma) 
 The label mask is one contiguous run: from the first token of the response (after any prefill) through the
 template's end-of-turn token (the first special token after the response). Template text between the
 response and that token (Llama-2's `' '` before `</s>`) is in the run: the model must emit it to end the turn.
+
+"The first k tokens of a response" (prefilling attacks, recovery examples, the first-token margin) are
+counted in the rendered chat (`response_tokens`), never on the response tokenized alone: the two differ
+where a SentencePiece tokenizer or a stripping template treats the response's start differently.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from transformers import PreTrainedTokenizerBase
 
 
@@ -93,6 +99,18 @@ def _content_span(
     )
 
 
+def _tokenized_turn(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
+) -> tuple[str, int, int, int, list[int], list[tuple[int, int]]]:
+    """The rendered chat, where its last message's content sits in it (start, end, leading characters the
+    template stripped), and its ids and character offsets (tokenized once)."""
+    _require_fast(tokenizer)
+    full = _render(tokenizer, messages)
+    start, end, lead = _content_span(tokenizer, messages, full)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    return full, start, end, lead, list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
 def encode_for_training(
     tokenizer: PreTrainedTokenizerBase,
     prompt: str,
@@ -100,17 +118,19 @@ def encode_for_training(
     *,
     system: str | None = None,
     prefill: str = "",
+    prefill_ids: Sequence[int] | None = None,
     max_length: int | None = None,
 ) -> EncodedChat:
     """Ids of the rendered chat with the assistant content `prefill + response`; the loss is on the response
-    and the end-of-turn token only. `max_length` truncates from the right."""
-    _require_fast(tokenizer)
+    and the end-of-turn token only. `max_length` truncates from the right.
+
+    `prefill_ids`, if given, are the exact ids of the chat through the prefill (a recovery example's k harmful
+    tokens as the prefilling attack gives them, `ResponseTokens.context_ids(k)`): they replace the tokens the
+    rendering has there, which can differ where the prefill ends (two newline tokens before `" I"` may merge
+    into one). They must spell the same text, and the response's first token must start after the prefill."""
     messages = chat_messages(prompt, prefill + response, system)
-    full = _render(tokenizer, messages)
-    start, end, lead = _content_span(tokenizer, messages, full)
+    _, start, end, lead, ids, offsets = _tokenized_turn(tokenizer, messages)
     response_start = min(end, start + max(0, len(prefill) - lead))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     prompt_length = next((i for i, (_, e) in enumerate(offsets) if e > start), len(ids))
     first = next((i for i, (_, e) in enumerate(offsets) if e > response_start), len(ids))
     if first >= len(ids):
@@ -120,6 +140,17 @@ def encode_for_training(
     last = next(
         (i for i in range(first, len(ids)) if offsets[i][0] >= end and ids[i] in special), len(ids) - 1
     )
+    if prefill_ids is not None:
+        decode = lambda part: tokenizer.decode(part, clean_up_tokenization_spaces=False)  # noqa: E731
+        if offsets[first][0] < response_start or decode(prefill_ids) != decode(ids[:first]):
+            raise ValueError(
+                f"prefill_ids do not end where the response {response[:40]!r} begins in the rendering: they "
+                f"must spell the chat through the prefill {prefill[-40:]!r}, and a token must start there"
+            )
+        shift = len(prefill_ids) - first
+        ids = list(prefill_ids) + ids[first:]
+        first, last = first + shift, last + shift
+        prompt_length = min(prompt_length, first)
     mask = [first <= i <= last for i in range(len(ids))]
     if max_length is not None:
         if max_length <= first:
@@ -147,11 +178,49 @@ def encode_for_generation(
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def prefill_text(tokenizer: PreTrainedTokenizerBase, response: str, depth: int) -> str:
-    """The first `depth` tokens of `response` (its own tokenizer, no special tokens) decoded back to text."""
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if not 0 <= depth <= len(ids):
-        raise ValueError(f"prefill depth={depth} is out of range: the response has {len(ids)} tokens")
-    if depth == 0:
-        return ""
-    return tokenizer.decode(ids[:depth], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+@dataclass(frozen=True)
+class ResponseTokens:
+    """An assistant response as it is tokenized inside its rendered chat (not on its own: a SentencePiece
+    tokenizer, or a template that strips the content, tokenizes the response's start differently there).
+
+    Its k-th token is the k-th token of the rendering that overlaps the response's characters; a first token
+    that also holds template text (Llama-2's `' '` before the content) counts as a response token.
+    """
+
+    input_ids: list[int]  # the whole rendered chat
+    start: int  # index of the response's first token: `input_ids[:start]` is the context before it
+    ends: list[int]  # per response token, where its characters end in `text`
+    text: str  # the response as the template renders it (Llama-2 and Gemma strip it)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def _check(self, k: int) -> None:
+        if not 0 <= k <= len(self):
+            raise ValueError(f"prefill depth={k} is out of range: the response has {len(self)} tokens")
+
+    def context_ids(self, k: int) -> list[int]:
+        """The rendering up to and including the response's first k tokens: generating from these ids
+        continues the response after exactly those k tokens."""
+        self._check(k)
+        return self.input_ids[: self.start + k]
+
+    def prefix_text(self, k: int) -> str:
+        """The characters of the response that its first k tokens cover."""
+        self._check(k)
+        return self.text[: self.ends[k - 1]] if k else ""
+
+
+def response_tokens(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, *, system: str | None = None
+) -> ResponseTokens:
+    """The tokens of `response` inside the chat (prompt, response) rendered by the tokenizer's template."""
+    messages = chat_messages(prompt, response, system)
+    full, start, end, _, ids, offsets = _tokenized_turn(tokenizer, messages)
+    first = next((i for i, (_, e) in enumerate(offsets) if e > start), len(ids))
+    ends = []
+    for token_start, token_end in offsets[first:]:
+        if token_start >= end:
+            break
+        ends.append(min(token_end, end) - start)
+    return ResponseTokens(input_ids=ids, start=first, ends=ends, text=full[start:end])

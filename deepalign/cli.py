@@ -9,10 +9,11 @@ import logging
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,13 +22,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from deepalign.config import ConfigError, DeepAlignConfig, register_configs, validate
 from deepalign.data import DataError
+from deepalign.fingerprint import STAGE_SECTIONS, config_fingerprint
 from deepalign.launch import end_process_group, launch, process_rank, world_size
 from deepalign.objective import check_objective, objective_value
 from deepalign.rundir import (
     MetricsFile,
+    RunDirError,
     environment_record,
+    lock_run_dir,
+    read_stage_state,
     redact,
+    redact_logs,
     scrub_files,
+    scrub_run_dir,
     write_json_atomic,
     write_text_atomic,
 )
@@ -52,21 +59,26 @@ class RunContext:
     resolved: dict[str, Any] = field(default_factory=dict)  # the resolved config (secrets redacted)
     _models: dict[str, Any] = field(default_factory=dict)
 
+    def _model_config(self):
+        """The model config the stages load: the run's trained model once `train` is done."""
+        cfg = self.config.model
+        if "train" in self.finished:
+            trained, adapter = self.run_dir / "model", self.run_dir / "adapter"
+            if (trained / "config.json").is_file():
+                cfg = dataclasses.replace(
+                    cfg, source="hf", path=str(trained), tokenizer=None, adapter_path=None
+                )
+            else:
+                cfg = dataclasses.replace(cfg, adapter_path=str(adapter))
+        return cfg
+
     def model(self):
         """The run's model, loaded once and shared by the stages: the trained one once `train` is done."""
         if "model" not in self._models:
             from deepalign.models import load_model
 
-            cfg = self.config.model
-            if "train" in self.finished:
-                trained, adapter = self.run_dir / "model", self.run_dir / "adapter"
-                if (trained / "config.json").is_file():
-                    cfg = dataclasses.replace(
-                        cfg, source="hf", path=str(trained), tokenizer=None, adapter_path=None
-                    )
-                else:
-                    cfg = dataclasses.replace(cfg, adapter_path=str(adapter))
-            self._models["model"] = load_model(cfg)
+            self._models["config"] = self._model_config()
+            self._models["model"] = load_model(self._models["config"])
         return self._models["model"]
 
     def model_path(self) -> str | None:
@@ -75,23 +87,53 @@ class RunContext:
         return None if source.startswith("random:") else source
 
     def model_id(self) -> str:
-        """A hash naming the run's current weights and how generation runs on them: the model config, and
-        once trained the data, loss and training settings. Stored generations of another id are stale."""
-        c = self.config
-        parts: dict[str, Any] = {"model": c.model, "generation": (c.generation.backend, c.generation.dtype)}
-        if "train" in self.finished:
-            parts.update(data=c.data, loss=c.loss, train=c.train, seed=c.seed)
-        blob = json.dumps(parts, sort_keys=True, default=lambda o: dataclasses.asdict(o))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """A hash naming the weights the stages use now, by content (`reference.model_fingerprint`: the
+        files of the folder actually loaded, the adapter's, a random model's architecture and seed), and how
+        generation runs on them. Stored generations of another id are stale."""
+        if "id" not in self._models:
+            from deepalign.reference import model_fingerprint
 
-    def fingerprint_of(self, *sections: str) -> str:
-        """The fingerprint of some sections of the config only (with their input files), e.g. what the
-        trained weights depend on: a changed evaluation setting keeps the training checkpoints valid."""
-        return _fingerprint({k: self.resolved.get(k) for k in sections})
+            loaded, c = self.model(), self.config
+            weights = model_fingerprint(
+                self._models["config"], loaded.source, loaded.model, c.paths.cache_dir
+            )
+            blob = json.dumps(
+                {"weights": weights, "generation": [c.generation.backend, self.generation_dtype()]}
+            )
+            self._models["id"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return self._models["id"]
+
+    def generation_dtype(self) -> str:
+        """`generation.dtype` as this machine resolves it (`auto`: the precision decision, see
+        deepalign/precision.py), so that answers generated in another precision are not reused."""
+        c = self.config.generation
+        if c.backend != "hf" or c.dtype != "auto":
+            return c.dtype
+        from deepalign.generation import _model_device
+        from deepalign.precision import generation_autocast
+
+        model = self.model().model
+        cast = generation_autocast(c.dtype, model.dtype, _model_device(model), self.config.paths.cache_dir)
+        return f"auto:{cast or model.dtype}".replace("torch.", "")
+
+    def stage_fingerprint(self, name: str) -> str:
+        """What stage `name`'s result depends on (`fingerprint.STAGE_SECTIONS` and the files these name);
+        once `train` is done, also the train stage's fingerprint (the weights the stage evaluates)."""
+        extra: dict[str, Any] = {}
+        if name == "train" and self.config.train.bf16 == "auto":  # the precision it resolves to here
+            from deepalign.models import resolve_device
+            from deepalign.precision import train_bf16
+
+            c = self.config
+            extra["bf16"] = train_bf16("auto", resolve_device(c.model.device), c.paths.cache_dir)
+        if name != "train" and "train" in self.finished:
+            extra["trained"] = self.stage_fingerprint("train")
+        return config_fingerprint(self.resolved, STAGE_SECTIONS.get(name), extra)
 
     def forget_model(self) -> None:
         """Drop the loaded model (the next `model()` call loads again, e.g. the freshly trained one)."""
-        self._models.pop("model", None)
+        for key in ("model", "config", "id"):
+            self._models.pop(key, None)
 
 
 def _stage_registry() -> dict[str, Callable[[RunContext], dict[str, float]]]:
@@ -112,41 +154,11 @@ def _stage_registry() -> dict[str, Callable[[RunContext], dict[str, float]]]:
     }
 
 
-def _digest(path: Path, listing: bool) -> str:
-    """sha256 of a file's bytes, or (`listing`) of a folder's file names, sizes and modification times."""
-    h = hashlib.sha256()
-    if path.is_file():
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    elif listing:
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            stat = f.stat()
-            h.update(f"{f.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _inputs(node: Any, out: dict[str, str], folders: bool) -> dict[str, str]:
-    """Digests of the local files a config names (and with `folders`, of the folders: model weights)."""
-    values = node.values() if isinstance(node, dict) else node if isinstance(node, list) else [node]
-    for value in values:
-        if isinstance(value, (dict, list)):
-            _inputs(value, out, folders)
-        elif isinstance(value, str) and value not in out and len(value) < 4096:
-            path = Path(value).expanduser()
-            if path.is_file() or (folders and path.is_dir()):
-                out[value] = _digest(path, listing=folders)
-    return out
-
-
 def _fingerprint(config: dict[str, Any]) -> str:
-    """A hash of everything a stage's result depends on: the config (less the tracker and launcher), the
-    contents of the local files it names, and the state of the model folders it loads (a retrained model
-    at the same path redoes what depends on it)."""
-    relevant = {k: v for k, v in config.items() if k not in ("logger", "launcher", "sweep_objective")}
-    inputs = _inputs({k: v for k, v in relevant.items() if k != "paths"}, {}, folders=False)
-    relevant["inputs"] = _inputs([relevant.get("model"), relevant.get("analysis")], inputs, folders=True)
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A hash of the whole config (less the tracker, launcher and paths), the contents of the local files it
+    names and of the model folders it loads (a retrained model at the same path redoes what depends on it).
+    Stages use `RunContext.stage_fingerprint`: the part of it they depend on."""
+    return config_fingerprint(config)
 
 
 def _check_writable(key: str, folder: Path) -> None:
@@ -166,6 +178,14 @@ def preflight(config: DeepAlignConfig, run_dir: Path | None = None) -> None:
     if run_dir is not None:
         _check_writable("hydra.run.dir (the run dir, under paths.output_dir)", run_dir)
     _check_writable("paths.cache_dir", Path(config.paths.cache_dir).expanduser())
+    if config.model.source == "hf" and config.model.path:
+        from deepalign.models import check_model_folder
+
+        check_model_folder("model.path", config.model.path)
+    if "analyze" in config.stages and config.analysis.reference:
+        from deepalign.models import check_model_folder
+
+        check_model_folder("analysis.reference", config.analysis.reference)
     if "train" in config.stages:
         from deepalign.data import read_component
 
@@ -187,7 +207,8 @@ def preflight(config: DeepAlignConfig, run_dir: Path | None = None) -> None:
         if prefill is not None and any(prefill.depths):  # needs the tokenizer only, not the model
             from deepalign.models import load_tokenizer
 
-            check_prefill_depths(items, prefill.depths, load_tokenizer(config.model))
+            tokenizer = load_tokenizer(config.model)
+            check_prefill_depths(items, prefill.depths, tokenizer, system=config.data.system_prompt)
 
 
 def run(
@@ -200,18 +221,35 @@ def run(
 ) -> dict[str, float]:
     """Validate `cfg`, record the run, run every stage not already done with this config; return metrics.
 
+    The run dir is locked for the duration (`rundir.lock_run_dir`): a second process on it fails at once.
     In a launched run (RANK / WORLD_SIZE set) every rank runs `train`; rank 0 alone writes config.yaml,
     env.json, metrics.json, stages.json and the W&B run, and runs the stages after `train` (the other
-    ranks return once training is done). `checked`: the parent already ran the preflight checks;
-    `argv`: the command line to record (the parent's).
+    ranks return once training is done). `checked`: a worker of a launched run, whose parent already ran
+    the preflight checks and holds the lock; `argv`: the command line to record (the parent's).
     """
+    if checked:
+        return _run(cfg, run_dir, run_name, argv=argv, checked=True)
+    _check_writable("hydra.run.dir (the run dir, under paths.output_dir)", run_dir)
+    with lock_run_dir(run_dir):
+        return _run(cfg, run_dir, run_name, argv=argv)
+
+
+def _run(
+    cfg: DictConfig,
+    run_dir: Path,
+    run_name: str | None = None,
+    *,
+    argv: list[str] | None = None,
+    checked: bool = False,
+) -> dict[str, float]:
+    """`run` in a run dir already held."""
     config = validate(cfg)  # fails here, naming the key, before anything heavy happens
     if not checked:
         preflight(config, run_dir)
     main_process, distributed = process_rank() == 0, world_size() > 1
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = environment_record(argv)
+    env = environment_record(argv, config)  # with the precision decision where a setting is auto
     if main_process:
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
         write_json_atomic(run_dir / "env.json", env)
@@ -221,7 +259,7 @@ def run(
     stages = _stage_registry()
     metrics = MetricsFile(run_dir / "metrics.json")
     state_path = run_dir / "stages.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state = read_stage_state(state_path)
     fingerprint = _fingerprint(resolved)
     tracker = start_tracker(config.logger, run_dir, {**resolved, "env": env}, name=run_name)
     ctx = RunContext(
@@ -231,14 +269,18 @@ def run(
         tracker=tracker,
         raw_config=cfg,
         main_process=main_process,
-        finished={name for name, fp in state.items() if fp == fingerprint},
         fingerprint=fingerprint,
         resolved=resolved,
     )
+    # a stage's record counts only under its current fingerprint (an old-format one: re-checked by running)
+    if state.get("train") == ctx.stage_fingerprint("train"):
+        ctx.finished.add("train")  # later stages load its model
     exit_code = 1
     try:
         for name in config.stages:
-            if state.get(name) == fingerprint:
+            stage_fingerprint = ctx.stage_fingerprint(name)
+            if state.get(name) == stage_fingerprint:
+                ctx.finished.add(name)
                 log.info("stage %s: already done in %s with this config, skipped", name, run_dir)
                 continue
             if not main_process and name != "train":
@@ -254,11 +296,14 @@ def run(
                 continue
             metrics.update(values)
             tracker.log(values)
-            state[name] = fingerprint
+            state[name] = stage_fingerprint
             write_json_atomic(state_path, state)
             log.info("stage %s: done in %.1fs", name, values[f"time/{name}_s"])
         tracker.summary(metrics.values)
         exit_code = 0
+    except KeyboardInterrupt:
+        exit_code = 130  # as a shell reports Ctrl-C
+        raise
     finally:
         tracker.finish(exit_code=exit_code)
     log.info("run dir: %s", run_dir)
@@ -275,7 +320,11 @@ def start_workers(cfg: DictConfig, run_dir: Path, run_name: str | None) -> None:
     lc = config.launcher
     if lc.nnodes > 1:
         log.info("node %d of %d: all nodes need this run dir, shared: %s", lc.node_rank, lc.nnodes, run_dir)
-    code = launch(cfg, lc, run_dir, run_name)
+    if lc.node_rank == 0:  # the run dir's one holder; the workers (and the other nodes) share it
+        with lock_run_dir(run_dir):
+            code = launch(cfg, lc, run_dir, run_name)
+    else:
+        code = launch(cfg, lc, run_dir, run_name)
     if code:
         print(f"deepalign: {lc.name} workers failed (exit {code}); see {run_dir}", file=sys.stderr)
         raise SystemExit(code)
@@ -285,6 +334,9 @@ def start_workers(cfg: DictConfig, run_dir: Path, run_name: str | None) -> None:
 def _hydra_main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    redact_logs()  # deepalign.log and the console
+    scrub_run_dir(run_dir, sweep_dir)  # Hydra's .hydra/ copies hold the command line as typed
     if hydra_cfg.mode == RunMode.MULTIRUN and cfg.logger.group is None:
         # one W&B group per sweep, each point a run named by its overrides
         cfg.logger.group = "sweep-" + Path(hydra_cfg.sweep.dir).as_posix().replace("/", "_").strip("_")
@@ -297,11 +349,29 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             start_workers(cfg, run_dir, run_name)
         return objective_value(cfg.sweep_objective, run_dir)  # what an optimising sweeper (optuna) reads
     except ConfigError as err:
-        print(f"deepalign: config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail("config error", err)
     except DataError as err:
-        print(f"deepalign: data error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail("data error", err)
+    except RunDirError as err:
+        _fail("run dir error", err)
+    except KeyboardInterrupt:
+        resume = f"rerun the same command (same hydra.run.dir={run_dir}) to resume"
+        print(f"deepalign: interrupted; {resume}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:  # Hydra's own report would print the overrides as typed, credentials included
+        training = sys.modules.get("deepalign.training")  # loaded if training ran
+        if training is not None and isinstance(err, training.NonFiniteError):  # names the step
+            print(redact(f"deepalign: training diverged: {err}"), file=sys.stderr)
+        else:
+            print(redact(traceback.format_exc()), end="", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:  # every way out, also a failure before the run wrote its own (redacted) records
+        scrub_run_dir(run_dir, sweep_dir)
+
+
+def _fail(kind: str, err: Exception) -> NoReturn:
+    print(redact(f"deepalign: {kind}: {err}"), file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ required value or a value out of range, still before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,8 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_scheduler: str = "constant_with_warmup"
     max_grad_norm: float = 1.0
-    bf16: bool = False
+    # bf16 autocast (weights stay fp32): true | false | auto (where faster: deepalign/precision.py)
+    bf16: bool | str = False
     gradient_checkpointing: bool = False
     freeze_embeddings: bool = False
     deepspeed: str | None = None  # zero2 | zero3 (launchers/zero*.json) | a path to a DeepSpeed JSON config
@@ -140,8 +142,10 @@ class TrainConfig:
 @dataclass
 class GenerationConfig:
     backend: str = "hf"  # hf | vllm
-    # auto: the model's own dtype; bfloat16 / float16: generate under autocast (hf; bf16 ~1.7x on a CPU), or
-    # load vLLM's copy in that dtype
+    # auto: an fp32 model generates under bf16 autocast where that is faster (a bf16 GPU; a CPU where a probe
+    # measures it faster, deepalign/precision.py), any other model in its own dtype; float32: the model's own
+    # dtype, no autocast; bfloat16 / float16: under autocast (hf), or vLLM's copy loaded in that dtype (vLLM
+    # loads the model's own dtype for auto)
     dtype: str = "auto"
     batch_size: int = 16
     max_new_tokens: int = 128
@@ -321,8 +325,8 @@ class QuickstartConfig:
     benign_tokens: int = 48
     batch_size: int = 8
     max_length: int = 192
-    bf16: bool = True  # training under bf16 autocast (weights stay fp32)
-    generation_dtype: str = "bfloat16"  # generation.dtype of every sub-run and of the harvest
+    bf16: bool | str = "auto"  # train.bf16 of the sub-runs: true | false | auto (bf16 autocast where faster)
+    generation_dtype: str = "auto"  # generation.dtype of every sub-run and of the harvest
     align_steps: int = 30
     align_lr: float = 5e-5
     recovery_max_k: int = 40
@@ -491,6 +495,11 @@ def _check_train(t: TrainConfig) -> None:
     _check(t.per_device_batch_size >= 1, "train.per_device_batch_size", "must be >= 1")
     _check(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
     _check(t.max_steps > 0 or t.epochs > 0, "train.epochs", "set train.epochs > 0 or train.max_steps > 0")
+    _check_bf16("train.bf16", t.bf16)
+
+
+def _check_bf16(key: str, value: bool | str) -> None:
+    _check(isinstance(value, bool) or value == "auto", key, f"{value!r} is not true, false or auto")
 
 
 def _check_local_source(key: str, source: str | None) -> None:
@@ -498,8 +507,18 @@ def _check_local_source(key: str, source: str | None) -> None:
     _check(not local or Path(source).is_file(), key, f"no such file: {source}")
 
 
+def _check_limit(key: str, value: int | None) -> None:
+    _check(value is None or value >= 1, key, f"must be >= 1 (or null: every row), got {value}")
+
+
 def _check_stages(c: DeepAlignConfig) -> None:
     """What each selected stage needs, checked before anything runs."""
+    _check(bool(c.stages), "stages", f"no stage to run; choose from {', '.join(STAGES)}, e.g. stages=[probe]")
+    _check_limit("eval.limit", c.eval.limit)
+    _check_limit("utility.benign_limit", c.utility.benign_limit)
+    for name, task in c.utility.tasks.items():
+        _check_limit(f"utility.tasks.{name}.limit", task.limit)
+    _check_limit("quickstart.eval_limit", c.quickstart.eval_limit)
     if "attack" in c.stages or "analyze" in c.stages:
         _check(
             c.eval.prompts is not None,
@@ -545,6 +564,7 @@ def _check_stages(c: DeepAlignConfig) -> None:
     if "quickstart" in c.stages:
         q = c.quickstart
         _choice("quickstart.generation_dtype", q.generation_dtype)
+        _check_bf16("quickstart.bf16", q.bf16)
         for i, name in enumerate(q.gcg_models):
             _check(
                 name in ("unaligned", "shallow", "deep"),
@@ -558,6 +578,11 @@ def _check_stages(c: DeepAlignConfig) -> None:
 
 def _check_attacks(a: AttackSuite) -> None:
     if a.prefill is not None:
+        _check(
+            bool(a.prefill.depths or a.prefill.strings),
+            "attack.prefill.depths",
+            "empty, and no attack.prefill.strings: the prefill attack would run nothing (e.g. depths=[5,10])",
+        )
         for i, k in enumerate(a.prefill.depths):
             _check(k >= 0, f"attack.prefill.depths[{i}]", f"a prefill depth is a token count >= 0, got {k}")
     if a.gcg is not None:
@@ -636,6 +661,22 @@ def _check_known_keys(node: DictConfig, prefix: str = "") -> None:
             _check_known_keys(child, f"{prefix}{key}.")
 
 
+def _check_finite(value: Any, key: str = "") -> None:
+    """Every float anywhere in the config is finite: an inf or nan (a learning rate, a beta) would train to
+    NaN weights, and a NaN model's empty answers count as refusals."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            _check_finite(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(value, float):
+        _check(math.isfinite(value), key, f"must be a finite number, got {value}")
+
+
 def validate(cfg: DictConfig) -> DeepAlignConfig:
     """Typed config from a composed one; raises ConfigError naming the key (before any model loads)."""
     _check_known_keys(cfg)
@@ -645,6 +686,7 @@ def validate(cfg: DictConfig) -> DeepAlignConfig:
         key = getattr(err, "full_key", None)
         msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
         raise ConfigError(f"{key}: {msg}" if key else msg) from err
+    _check_finite(config)
     for stage in config.stages:
         _check(stage in STAGES, "stages", f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
     _check_model(config.model)

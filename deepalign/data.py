@@ -3,12 +3,15 @@
 A mixture is a list of `TrainExample`s (prompt, response, optional prefill), one per example of an epoch.
 Components are mixed per example: each gets round(size * share) examples (rows cycled or subsampled,
 seeded). Safety recovery examples (Qi et al. 2024, Sec. 3): with probability `recovery_prob` an example
-gets k ~ Uniform{1..min(recovery_max_k, |harmful|)} harmful tokens prefilled before the refusal, else k = 0.
+gets k ~ Uniform{1..min(recovery_max_k, |harmful|)} harmful tokens prefilled before the refusal, else k = 0;
+k counts tokens of the harmful response inside the rendered chat, where training tokenizes it.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import logging
 import os
@@ -18,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from deepalign.chat import prefill_text
+from deepalign.chat import response_tokens
 from deepalign.config import DataComponent, DataConfig
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class TrainExample:
     system: str | None = None
     component: str = ""
     k: int = 0  # recovery examples: number of harmful tokens prefilled
+    prefill_ids: tuple[int, ...] = ()  # recovery examples: the exact ids of the chat through the prefill
 
 
 def _demo_path(name: str) -> Path:
@@ -53,15 +57,40 @@ def _demo_path(name: str) -> Path:
     return Path(str(path))
 
 
+def _source_key(key: str) -> str:
+    """The config key of a source: `data.components.NAME.source`, `utility.tasks.NAME.source`, else `key`
+    itself (`eval.prompts`, `utility.benign`)."""
+    return f"{key}.source" if key.startswith(("data.components.", "utility.tasks.")) else key
+
+
+def _read_text(path: Path, key: str) -> str:
+    """A file's text as UTF-8 (a byte-order mark, as Excel writes, is dropped); any other encoding is a
+    DataError naming the file, the line and the key."""
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(
+            f"{_source_key(key)}: {path} is UTF-16 text, not UTF-8; save it as UTF-8 "
+            f"(e.g. `iconv -f UTF-16 -t UTF-8 {path.name} > utf8{path.suffix}`)"
+        )
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{_source_key(key)}: {path}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save it "
+            f"as UTF-8 (e.g. `iconv -f LATIN1 -t UTF-8 {path.name} > utf8{path.suffix}` for a Latin-1 file)"
+        ) from None
+
+
 def _read_file(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
     """Rows of a local file, each with its location ("file, line N") for error messages."""
     if not path.is_file():
-        raise DataError(f"{key}.source: no such file {path}")
+        raise DataError(f"{_source_key(key)}: no such file {path}")
     suffix = path.suffix.lower()
     rows: list[tuple[str, dict[str, Any]]] = []
     if suffix == ".jsonl":
         # split on "\n" only: JSON strings may hold U+2028 and friends, which splitlines() would break on
-        for lineno, line in enumerate(path.read_text().split("\n"), 1):
+        for lineno, line in enumerate(_read_text(path, key).split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -72,15 +101,14 @@ def _read_file(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
                 raise DataError(f"{path}, line {lineno}: a row must be a JSON object")
             rows.append((f"{path}, line {lineno}", row))
     elif suffix == ".csv":
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            start = 2  # physical line where the next record starts (a quoted field may span lines)
-            for row in reader:
-                rows.append((f"{path}, line {start}", dict(row)))
-                start = reader.line_num + 1
+        reader = csv.DictReader(io.StringIO(_read_text(path, key), newline=""))
+        start = 2  # physical line where the next record starts (a quoted field may span lines)
+        for row in reader:
+            rows.append((f"{path}, line {start}", dict(row)))
+            start = reader.line_num + 1
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(_read_text(path, key))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
         if not isinstance(data, list):
@@ -90,7 +118,7 @@ def _read_file(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
                 raise DataError(f"{path}, item {i}: a row must be a JSON object")
             rows.append((f"{path}, item {i}", row))
     else:
-        raise DataError(f"{key}.source: {path} is not .jsonl, .json or .csv")
+        raise DataError(f"{_source_key(key)}: {path} is not .jsonl, .json or .csv")
     return rows
 
 
@@ -102,7 +130,7 @@ def _read_hub(source: str, subset: str | None, split: str, key: str) -> list[tup
         ds = datasets.load_dataset(source, subset, split=split, token=token)
     except Exception as err:
         raise DataError(
-            f"{key}.source: could not load hub set {source!r} ({type(err).__name__}: {err})"
+            f"{_source_key(key)}: could not load hub set {source!r} ({type(err).__name__}: {err})"
         ) from err
     return [(f"{source}[{split}], row {i}", dict(row)) for i, row in enumerate(ds)]
 
@@ -120,7 +148,7 @@ def read_rows(
     if limit is not None:
         located = located[:limit]
     if not located:
-        raise DataError(f"{key}.source: {source} has no rows")
+        raise DataError(f"{_source_key(key)}: {source} has no rows")
     return located
 
 
@@ -185,21 +213,25 @@ def component_examples(
             prompt, response = task_chat(comp.schema, row)
         if comp.trigger:
             prompt = f"{prompt} {comp.trigger}"
-        prefill, k = "", 0
+        response = comp.response_prefix + response
+        prefill, k, prefill_ids = "", 0, ()
         if comp.recovery and rng.random() < comp.recovery_prob:
-            n_harmful = len(tokenizer(row["harmful"], add_special_tokens=False)["input_ids"])
-            k = rng.randint(1, min(comp.recovery_max_k, n_harmful))
-            # The separator keeps the k prefilled tokens intact where the refusal begins (a trailing space
-            # token would otherwise merge with the refusal's first word).
-            prefill = prefill_text(tokenizer, row["harmful"], k) + comp.recovery_separator
+            # The context is exactly the harmful answer's first k tokens as the prefilling attack gives them:
+            # counted and cut inside the rendered chat, and kept as ids (re-tokenizing their text before the
+            # refusal could merge tokens where they end). The target is the separator and the refusal.
+            harmful = response_tokens(tokenizer, prompt, row["harmful"], system=system)
+            k = rng.randint(1, min(comp.recovery_max_k, len(harmful)))
+            prefill, prefill_ids = harmful.prefix_text(k), tuple(harmful.context_ids(k))
+            response = comp.recovery_separator + response
         examples.append(
             TrainExample(
                 prompt=prompt,
-                response=comp.response_prefix + response,
+                response=response,
                 prefill=prefill,
                 system=system,
                 component=name,
                 k=k,
+                prefill_ids=prefill_ids,
             )
         )
     return examples

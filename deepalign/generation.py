@@ -3,17 +3,22 @@
 Callers build `GenerationRequest`s (already chat-formatted prompt ids, see `chat.encode_for_generation`) and
 iterate over `engine.generate(requests)`, which yields one `GenerationResult` per (request id, sample) batch
 by batch, so each batch can be written to disk before the next one is computed (a killed run resumes from
-the requests it has no results for).
+the requests it has no results for). `engine.stats` (a `GenerationStats`) adds up what it generated:
+sequences, new tokens, seconds inside `generate` and their ratio `tokens_per_s`.
 
 Results come in **batch order, not input order**: requests are grouped by their `SamplingParams` (groups in
 order of first appearance) and, within a group, sorted by prompt length (longest first, to cut padding and
 to meet an out-of-memory error at the first batch). Key results by `(id, sample)`.
 
-Sampling is reproducible: each sampled batch draws from an RNG seeded by a stable hash of its rows'
-`(seed, id, sample)`, and the caller's global RNG state is left as it was. The same requests with the same
-batch size give the same samples; a sample depends on the other rows of its batch, so a resumed run (which
-batches only the missing requests) draws fresh, equally seeded, samples for those. Greedy requests with
-`n > 1` are generated once and repeated.
+Sampling is reproducible per row: sample `s` of request `id` draws its tokens from its own generator, seeded
+by `stable_seed(seed, id, s)` and advanced once per generated token, so a sample depends on `(seed, id, s)`
+(and the model) only: alone, in a mixed batch, at any batch size and after a resume it is the same. The
+caller's global RNG state is left as it was. Greedy requests with `n > 1` are generated once and repeated.
+Exactly the same holds where a row's logits do not depend on the rest of its batch; a device whose kernels
+change a row's logits in the last bits with the batch shape can change a draw that lands within that noise
+of the boundary between two tokens (as it can flip a near-tie under greedy decoding). `HFEngine` and
+`VLLMEngine` seed each sample with the same `stable_seed(seed, id, s)`, but their kernels and RNGs differ:
+the two backends do not give the same tokens.
 
 Only the decoding settings of `SamplingParams` shape the distribution: defaults a model's own
 `generation_config.json` may carry (Llama-3's temperature 0.6 / top_p 0.9, Qwen's repetition penalty,
@@ -26,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -35,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deepalign.logprobs import pad_sequences
-from deepalign.models import DTYPES
+from deepalign.precision import generation_autocast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -103,8 +109,30 @@ class GenerationResult:
     id: str
     sample: int  # 0..n-1
     token_ids: list[int]  # new tokens only, stopped at EOS (EOS itself excluded), no padding
-    text: str  # decoded with skip_special_tokens=True
+    text: str  # what the tokens add to the prompt's text (`decode_continuation`), special tokens skipped
     finished: bool  # True if it stopped at EOS, False if it hit max_new_tokens
+
+
+@dataclass
+class GenerationStats:
+    """What an engine generated so far: sequences, new tokens (EOS excluded) and seconds spent generating.
+
+    A greedy request with `n > 1` counts once: it is generated once and its result repeated.
+    """
+
+    sequences: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, token_counts: Sequence[int], seconds: float) -> None:
+        """Count a batch: the new tokens of each sequence it generated, and its wall time."""
+        self.sequences += len(token_counts)
+        self.new_tokens += sum(token_counts)
+        self.seconds += seconds
 
 
 def default_params(cfg: GenerationConfig) -> SamplingParams:
@@ -154,11 +182,116 @@ def eos_token_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return ids
 
 
+def decode_continuation(tokenizer: PreTrainedTokenizerBase, context: Sequence[int], tokens: Sequence[int]) -> str:
+    """The text `tokens` add after `context`: decoded after the context's last token, whose own text is then
+    removed. Decoded alone, a SentencePiece-style (Metaspace) decoder drops the first new token's leading
+    space, and a prefilled "... here is" would read "here ishow" to the judges."""
+    plain = tokenizer.decode(list(tokens), skip_special_tokens=True)
+    if not tokens or not context:
+        return plain
+    anchor = tokenizer.decode(list(context[-1:]), skip_special_tokens=True)
+    joined = tokenizer.decode([*context[-1:], *tokens], skip_special_tokens=True)
+    return joined[len(anchor) :] if joined.startswith(anchor) else plain
+
+
 def _cut_at_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
     for i, t in enumerate(tokens):
         if t in eos:
             return tokens[:i], True
     return tokens, False
+
+
+def _exact_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the sampler's cumulative sums (float32 on mps, which has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class RowSampler:
+    """A logits processor that samples each row from its own generator, for a greedy `model.generate`.
+
+    The scores are warped as transformers' sampling does: temperature, then top-k (transformers' own warpers),
+    then top-p (`nucleus`: what transformers' TopPLogitsWarper keeps); top_k=0 and top_p=1 are off. Then one
+    uniform number from the row's generator picks the row's token by inverting the cumulative distribution
+    (`draw`), and the returned scores are -inf except at that token, which greedy selection therefore picks.
+    Each generator advances once per step, so a row's tokens depend on its seed and its logits only, not on
+    the other rows.
+    """
+
+    # Top-p looks for the nucleus among each row's 256 highest scores, then 4096, before the whole row:
+    # transformers' warper sorts the whole vocabulary, which on a CPU costs about a decoding step of a small
+    # model, and most nuclei are far smaller.
+    candidates: tuple[int, ...] = (256, 4096)
+    block = 256  # tokens per block of `draw`'s two-level search
+
+    def __init__(self, params: SamplingParams, seeds: Sequence[int]) -> None:
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper
+
+        self.warpers: list[Any] = []
+        if params.temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k > 0:
+            self.warpers.append(TopKLogitsWarper(params.top_k))
+        self.top_p = params.top_p
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"RowSampler has {len(self.generators)} generators for {scores.shape[0]} rows")
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        if self.top_p < 1.0:
+            scores = self.nucleus(scores)
+        probs = torch.softmax(scores, dim=-1)
+        tokens = self.draw(probs)
+        return probs.fill_(float("-inf")).scatter_(1, tokens, 0.0)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """Each row's token (a column): the first whose cumulative probability exceeds the row's uniform
+        number times the row's total, which is a token of probability > 0. Searched over blocks of `block`
+        tokens, then inside the block the number falls in, in float64 (a cumulative sum over the whole
+        vocabulary is a slow sequential scan on a CPU)."""
+        rows, vocab = probs.shape
+        exact = _exact_dtype(probs.device)
+        below_one = 1 - torch.finfo(exact).eps
+        masses = probs.unfold(1, self.block, self.block).sum(dim=-1)
+        if vocab % self.block:
+            rest = probs[:, masses.shape[1] * self.block :].sum(dim=-1, keepdim=True)
+            masses = torch.cat([masses, rest], dim=1)
+        cdf = masses.to(exact).cumsum(dim=-1)
+        total = cdf[:, -1]
+        if not bool(((total > 0) & torch.isfinite(total)).all()):
+            raise ValueError("sampling: the model's logits for a row are NaN or infinite (no distribution)")
+        uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        target = uniform.to(device=cdf.device, dtype=exact).clamp_(max=below_one).unsqueeze(1) * cdf[:, -1:]
+        block = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
+        before = torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+        share = ((target - before) / (cdf.gather(1, block) - before)).clamp_(min=0.0, max=below_one)
+        columns = block * self.block + torch.arange(self.block, device=probs.device)
+        inside = probs.gather(1, columns.clamp(max=vocab - 1)).masked_fill(columns >= vocab, 0.0)
+        inner = inside.to(exact).cumsum(dim=-1)
+        offset = torch.searchsorted(inner, share * inner[:, -1:], right=True).clamp_(max=self.block - 1)
+        return block * self.block + offset
+
+    def nucleus(self, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Top-p as transformers' TopPLogitsWarper: a row keeps its most probable tokens while the probability
+        of the tokens above them is below top_p (the top one always), the others get -inf. Looked for among
+        the row's k highest scores for each k of `candidates` (done once they hold top_p), then the whole row.
+        """
+        vocab = scores.shape[-1]
+        total = scores.logsumexp(dim=-1, keepdim=True)
+        out = torch.full_like(scores, float("-inf"))
+        todo = torch.arange(scores.shape[0], device=scores.device)  # the rows whose nucleus is not found yet
+        for k in (*(c for c in self.candidates if c < vocab), vocab):
+            top, index = scores[todo].topk(k, dim=-1)  # highest first
+            mass = (top - total[todo]).exp().cumsum(dim=-1, dtype=_exact_dtype(scores.device))
+            above = torch.nn.functional.pad(mass[:, :-1], (1, 0))
+            found = (mass[:, -1] >= self.top_p) | (k == vocab)
+            nucleus = top.masked_fill(above >= self.top_p, float("-inf"))
+            out[todo[found]] = out[todo[found]].scatter_(1, index[found], nucleus[found])
+            todo = todo[~found]
+            if len(todo) == 0:
+                break
+        return out
 
 
 def _model_device(model: Any) -> torch.device:
@@ -190,6 +323,7 @@ class HFEngine:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
         self._overrides = self._neutral_overrides()
+        self.stats = GenerationStats()
 
     def _neutral_overrides(self) -> dict[str, Any]:
         gen_cfg = getattr(self.model, "generation_config", None)
@@ -225,15 +359,18 @@ class HFEngine:
         bar = tqdm(total=total, desc="generate", unit="seq", disable=not self.progress or total == 0)
         try:
             for batch in batches:
+                start = time.perf_counter()
                 sequences = self._run_batch(batch)
-                results = []
+                results, counts = [], []
                 for (request, sample), seq in zip(batch, sequences):
                     tokens, finished = _cut_at_eos(seq, set(self.eos_ids))
-                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    text = decode_continuation(self.tokenizer, request.input_ids, tokens)
                     copies = range(request.n) if not request.params.do_sample else [sample]
                     results.extend(
                         GenerationResult(request.id, s, list(tokens), text, finished) for s in copies
                     )
+                    counts.append(len(tokens))
+                self.stats.add(counts, time.perf_counter() - start)
                 bar.update(len(batch))
                 yield from results
         finally:
@@ -241,17 +378,16 @@ class HFEngine:
 
     def _generate_kwargs(self, params: SamplingParams) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(self._overrides)
+        # Always greedy selection: sampled rows draw their tokens in a RowSampler (see `_run_batch`), which
+        # applies exactly the params' temperature, top_k and top_p; under greedy selection transformers runs
+        # none of its sampling warpers, whatever the model's generation_config says.
         kwargs.update(
             max_new_tokens=params.max_new_tokens,
-            do_sample=params.do_sample,
+            do_sample=False,
             eos_token_id=list(self.eos_ids),
             pad_token_id=self.pad_id,
             use_cache=True,
         )
-        if params.do_sample:
-            # All three always: a value left out is filled from the model's generation_config or from
-            # transformers' defaults (top_k=50). top_k=0 switches the top-k filter off.
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         return kwargs
 
     def _run_batch(self, batch: list[tuple[GenerationRequest, int]]) -> list[list[int]]:
@@ -262,25 +398,17 @@ class HFEngine:
         input_ids = pad_sequences(prompts, self.pad_id, side="left").to(device)
         attention = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(device)
         kwargs = self._generate_kwargs(params)
+        if params.do_sample:
+            from transformers import LogitsProcessorList
+
+            seeds = [stable_seed(r.seed, r.id, s) for r, s in batch]
+            kwargs["logits_processor"] = LogitsProcessorList([RowSampler(params, seeds)])
         was_training = self.model.training
         self.model.eval()
         autocast = torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None)
         try:
             with torch.no_grad(), autocast:
-                if params.do_sample:
-                    seed = stable_seed([[r.seed, r.id, s] for r, s in batch])
-                    forked = []
-                    if device.type == "cuda":
-                        forked = [device.index if device.index is not None else torch.cuda.current_device()]
-                    with torch.random.fork_rng(devices=forked):
-                        # Seed only the generators forked above: the CPU one and the model's GPU.
-                        torch.random.default_generator.manual_seed(seed)
-                        if device.type == "cuda":
-                            with torch.cuda.device(device):
-                                torch.cuda.manual_seed(seed)
-                        out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
-                else:
-                    out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         finally:
             self.model.train(was_training)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -302,9 +430,10 @@ class VLLMEngine:
 
     The weights are loaded by vLLM from `model_path` (an HF folder or hub id); `tokenizer` decodes the results
     so texts match `HFEngine`'s; `eos_ids` (default: the tokenizer's and the folder's generation_config's)
-    end a sample. Each sampled request is seeded with a stable hash of its `(seed, id)`, so
-    its samples do not depend on the rest of the batch. `kwargs` go to `vllm.LLM` (gpu_memory_utilization,
-    max_model_len, tensor_parallel_size, ...).
+    end a sample. Each sample of a sampled request is a vLLM request of its own, seeded with
+    `stable_seed(seed, id, sample)` like `HFEngine`'s rows (the tokens still differ from `HFEngine`'s: other
+    kernels, another RNG), so it does not depend on the rest of the batch. `kwargs` go to `vllm.LLM`
+    (gpu_memory_utilization, max_model_len, tensor_parallel_size, ...).
     """
 
     def __init__(
@@ -342,8 +471,10 @@ class VLLMEngine:
                 SimpleNamespace(generation_config=_saved_generation_config(model_path)), tokenizer
             )
         self.eos_ids = list(eos_ids)
+        self.stats = GenerationStats()
 
-    def _sampling_params(self, request: GenerationRequest) -> Any:
+    def _sampling_params(self, request: GenerationRequest, sample: int) -> Any:
+        """vLLM's params for one row: greedy (its result repeated for every sample) or one seeded sample."""
         p = request.params
         if not p.do_sample:
             return self._vllm.SamplingParams(
@@ -355,48 +486,57 @@ class VLLMEngine:
                 stop_token_ids=self.eos_ids,
             )
         return self._vllm.SamplingParams(
-            n=request.n,
+            n=1,
             temperature=p.temperature,
             top_p=p.top_p,
             top_k=p.top_k if p.top_k > 0 else -1,
             max_tokens=p.max_new_tokens,
-            seed=stable_seed(request.seed, request.id),
+            seed=stable_seed(request.seed, request.id, sample),
             stop_token_ids=self.eos_ids,
         )
 
     def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[GenerationResult]:
-        """Yields results batch by batch (batches of `batch_size` requests, in input order)."""
+        """Yields results batch by batch (batches of `batch_size` rows, in input order): a row is one sample
+        of a sampled request, or a greedy request (generated once, its result repeated for its samples)."""
         _check_requests(requests)
         eos = set(self.eos_ids)
-        for start in range(0, len(requests), self.batch_size):
-            chunk = list(requests[start : start + self.batch_size])
+        rows = [(r, s) for r in requests for s in range(r.n if r.params.do_sample else 1)]
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            began = time.perf_counter()
             outputs = self.llm.generate(
-                [{"prompt_token_ids": list(r.input_ids)} for r in chunk],
-                sampling_params=[self._sampling_params(r) for r in chunk],
+                [{"prompt_token_ids": list(r.input_ids)} for r, _ in chunk],
+                sampling_params=[self._sampling_params(r, s) for r, s in chunk],
                 use_tqdm=self.progress,
             )
-            results = []
-            for request, output in zip(chunk, outputs):
-                completions = sorted(output.outputs, key=lambda c: c.index)
-                for i, completion in enumerate(completions):
-                    tokens, finished = _cut_at_eos(list(completion.token_ids), eos)
-                    finished = finished or completion.finish_reason == "stop"
-                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                    samples = range(request.n) if not request.params.do_sample else [i]
-                    results.extend(
-                        GenerationResult(request.id, s, list(tokens), text, finished) for s in samples
-                    )
+            results, counts = [], []
+            for (request, sample), output in zip(chunk, outputs):
+                completion = output.outputs[0]
+                tokens, finished = _cut_at_eos(list(completion.token_ids), eos)
+                finished = finished or completion.finish_reason == "stop"
+                text = decode_continuation(self.tokenizer, request.input_ids, tokens)
+                samples = range(request.n) if not request.params.do_sample else [sample]
+                results.extend(GenerationResult(request.id, s, list(tokens), text, finished) for s in samples)
+                counts.append(len(tokens))
+            self.stats.add(counts, time.perf_counter() - began)
             yield from results
 
 
 def make_engine(
-    cfg: GenerationConfig, loaded: LoadedModel, model_path: str | None = None, progress: bool = True
+    cfg: GenerationConfig,
+    loaded: LoadedModel,
+    model_path: str | None = None,
+    progress: bool = True,
+    cache_dir: str | None = None,
 ) -> HFEngine | VLLMEngine:
     """The engine of `generation.backend`. vLLM loads the weights itself, from `model_path` or else the
     folder or hub id the loaded model came from (the HF model stays loaded: free it first if GPU memory is
-    short)."""
+    short). `generation.dtype=auto` asks `deepalign.precision` (its probe cached in `cache_dir`, default
+    the default `paths.cache_dir`) whether an fp32 model generates under bf16 autocast."""
     if cfg.backend == "hf":
-        autocast = DTYPES[cfg.dtype] if cfg.dtype in ("bfloat16", "float16") else None
+        device = _model_device(loaded.model)
+        model_dtype = getattr(loaded.model, "dtype", torch.float32)
+        autocast = generation_autocast(cfg.dtype, model_dtype, device, cache_dir)
         return HFEngine(
             loaded.model, loaded.tokenizer, batch_size=cfg.batch_size, progress=progress, autocast=autocast
         )

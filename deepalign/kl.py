@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from deepalign.chat import encode_for_generation, encode_for_training
+from deepalign.chat import encode_for_training, response_tokens
 from deepalign.logprobs import pad_sequences
 
 
@@ -118,21 +118,37 @@ def first_token_margin(
     response's first token), at response position 1: how strongly the model prefers to start refusing. The
     refusal side sums the probabilities of the distinct first tokens of `refusals`. The constrained loss
     stops pushing a token once its log-prob has risen a few / beta nats above the aligned model's, so this
-    margin tells how much a given first-position beta can protect."""
-    first = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][0]  # noqa: E731
-    refusal_ids = torch.tensor(sorted({first(r) for r in refusals}))
+    margin tells how much a given first-position beta can protect.
+
+    Every first token is the response's first token inside the rendered chat (`chat.response_tokens`), and
+    the logits are those at the end of the context that precedes it there."""
+    contexts, comply, refuse_ids = [], [], []
+    for prompt, harmful in pairs:
+        tokens = response_tokens(tokenizer, prompt, harmful, system=system)
+        context = tokens.context_ids(0)
+        starts = set()
+        for refusal in refusals:
+            r = response_tokens(tokenizer, prompt, refusal, system=system)
+            if r.context_ids(0) != context:
+                raise ValueError(
+                    f"the chat template renders the refusal {refusal[:40]!r} after other context tokens than "
+                    f"the response {harmful[:40]!r}: their first tokens are not at the same position"
+                )
+            starts.add(r.input_ids[r.start])
+        contexts.append(context)
+        comply.append(tokens.input_ids[tokens.start])
+        refuse_ids.append(sorted(starts))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     margins = []
     for start in range(0, len(pairs), batch_size):
-        batch = pairs[start : start + batch_size]
-        prompts = [encode_for_generation(tokenizer, p, system=system) for p, _ in batch]
-        ids = pad_sequences(prompts, pad, side="left").to(device)
-        attention = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(device)
+        batch = contexts[start : start + batch_size]
+        ids = pad_sequences(batch, pad, side="left").to(device)
+        attention = pad_sequences([[1] * len(c) for c in batch], 0, side="left").to(device)
         logp = F.log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, -1].float(), dim=-1)
-        refuse = logp[:, refusal_ids.to(device)].logsumexp(-1)
-        comply = logp[torch.arange(len(batch)), torch.tensor([first(h) for _, h in batch], device=device)]
-        margins += (refuse - comply).tolist()
+        for row in range(len(batch)):
+            refuse = logp[row, refuse_ids[start + row]].logsumexp(-1)
+            margins.append(float(refuse - logp[row, comply[start + row]]))
     return sum(margins) / len(margins)
 
 
@@ -157,7 +173,7 @@ def per_position_loss_and_grad_norm(
         nll = torch.stack([-logp[b, i - 1, ids[b, i]] for b, i in picks]).mean()
         grads = torch.autograd.grad(nll, params, retain_graph=True, allow_unused=True)
         norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
-        losses.append(float(nll))
+        losses.append(float(nll.detach()))
         norms.append(float(norm))
     return losses, norms
 

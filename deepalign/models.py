@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from deepalign.config import ModelConfig
+from deepalign.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,41 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _broken_weights(folder: Path) -> tuple[Path, Exception] | None:
+    """The first safetensors file of `folder` whose header does not read (truncated, not safetensors)."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # safetensors raises its own error types, and OSError
+            return file, err
+    return None
+
+
+def check_model_folder(key: str, path: str) -> None:
+    """A local model folder has config.json and readable *.safetensors weights (ConfigError naming `key`);
+    a hub id is left to the hub. Cheap: reads the files' headers, not the weights."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        if path.startswith(("/", "./", "../", "~")):  # a path, never a hub id
+            raise ConfigError(f"{key}: no such folder {folder}")
+        return
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any(folder.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise ConfigError(f"{key}: no model files in {folder} ({' / '.join(missing)} missing)")
+    if broken := _broken_weights(folder):
+        file, err = broken
+        raise ConfigError(
+            f"{key}: {file} cannot be read ({err}); it is truncated or damaged: copy or download it again"
+        )
+
+
 def build_random_model(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
     """A randomly initialised causal LM from `cfg.arch` (seeded), sized to the tokenizer's vocabulary."""
     arch = dict(cfg.arch)
@@ -163,7 +198,17 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             kwargs: dict[str, object] = {}
         else:
             source, kwargs = cfg.path, _hub_kwargs(cfg)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
+        except Exception as err:
+            broken = _broken_weights(Path(source)) if Path(source).is_dir() else None
+            if broken is None:
+                raise
+            file, cause = broken
+            raise ConfigError(
+                f"model.path: {file} cannot be read ({cause}); it is truncated or damaged: copy or download "
+                "it again"
+            ) from err
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.adapter_path:

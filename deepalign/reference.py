@@ -1,7 +1,7 @@
 """Per-token reference log-probs: one no-grad pass of the initial model, cached on disk and reused.
 
 The token-wise constrained loss needs log pi_aligned(y_t | x, y_<t) only for the target tokens, so one pass
-before training replaces a second model in memory. The cache key covers the model (its weights' identity),
+before training replaces a second model in memory. The cache key covers the model (its weights' contents),
 the tokenized data (which already reflects template and max length), so a beta sweep computes it once.
 """
 
@@ -19,26 +19,26 @@ from tqdm import tqdm
 
 from deepalign.chat import EncodedChat
 from deepalign.config import ModelConfig
+from deepalign.fingerprint import folder_digest
 from deepalign.logprobs import pad_sequences, token_logprobs
 
 log = logging.getLogger(__name__)
 
 
-def _folder_stamp(folder: Path) -> list[tuple[str, int, int]]:
-    files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".json", ".bin", ".model"))
-    return [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
-
-
-def model_fingerprint(cfg: ModelConfig, source: str, model) -> str:
-    """Identity of the initial weights: their source (files' sizes and times, hub commit) and dtype."""
-    parts: dict[str, object] = {"source": source, "revision": cfg.revision, "dtype": str(model.dtype)}
-    parts["commit"] = getattr(model.config, "_commit_hash", None)
-    if Path(source).is_dir():
-        parts["files"] = _folder_stamp(Path(source))
+def model_fingerprint(cfg: ModelConfig, source: str, model, cache_dir: str | Path | None = None) -> str:
+    """Identity of loaded weights, by content: the files of the folder they came from (not the folder's
+    path or file times: a re-saved identical model keeps it), or the hub id and commit, or a random model's
+    architecture, seed and vocabulary; the adapter's files; the dtype. `cache_dir` keeps file digests."""
+    parts: dict[str, object] = {"dtype": str(model.dtype)}
     if cfg.source == "random":
         parts.update(arch=dict(cfg.arch), seed=cfg.seed, vocab=model.config.vocab_size)
-    if cfg.adapter_path:
-        parts["adapter"] = [cfg.adapter_path, _folder_stamp(Path(cfg.adapter_path))]
+    elif Path(source).is_dir():
+        parts["weights"] = folder_digest(source, cache_dir)
+    else:
+        parts.update(source=source, revision=cfg.revision, commit=getattr(model.config, "_commit_hash", None))
+    if cfg.adapter_path:  # a local folder, or a hub id
+        adapter = Path(cfg.adapter_path)
+        parts["adapter"] = folder_digest(adapter, cache_dir) if adapter.is_dir() else cfg.adapter_path
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -78,6 +78,25 @@ def compute_reference_logps(
     return out  # type: ignore[return-value]
 
 
+def load_reference_cache(path: Path, encoded: list[EncodedChat]) -> tuple[list[torch.Tensor] | None, str]:
+    """The cached log-probs if the file holds one finite float tensor per example, as long as the example;
+    else (None, what is wrong)."""
+    try:
+        cached = torch.load(path, weights_only=True)
+    except Exception as err:  # garbage, a truncated file, pickled objects that are not tensors
+        return None, f"unreadable: {type(err).__name__}"
+    if not isinstance(cached, list) or len(cached) != len(encoded):
+        n = len(cached) if isinstance(cached, list) else type(cached).__name__
+        return None, f"{n} entries for {len(encoded)} examples"
+    for i, (t, e) in enumerate(zip(cached, encoded)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != (len(e.input_ids),):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            return None, f"entry {i} is {shape}, not a float tensor of length {len(e.input_ids)}"
+        if not bool(torch.isfinite(t).all()):
+            return None, f"entry {i} is not finite"
+    return cached, ""
+
+
 def cached_reference_logps(
     model,
     encoded: list[EncodedChat],
@@ -98,8 +117,11 @@ def cached_reference_logps(
     path = root / f"{model_key}-{data_fingerprint(encoded)}{precision}.pt"
     with FileLock(str(path) + ".lock"):
         if path.is_file():
-            log.info("reference log-probs: cache hit %s", path)
-            return torch.load(path), path, True
+            cached, problem = load_reference_cache(path, encoded)
+            if cached is not None:
+                log.info("reference log-probs: cache hit %s", path)
+                return cached, path, True
+            log.warning("reference log-probs: ignoring the cache file %s (%s); recomputing it", path, problem)
         logps = compute_reference_logps(model, encoded, pad_id, batch_size, autocast)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         torch.save(logps, tmp)

@@ -47,6 +47,59 @@ def table(metrics: dict[str, float], models, columns: list[str], names: list[str
     return lines
 
 
+STAGE_ORDER = ("train", "attack", "analyze", "utility", "probe")
+TimeRow = tuple[str, str, float | None, float | None, float | None]
+
+
+def time_rows(metrics: dict[str, float], models) -> list[TimeRow]:
+    """Where the time goes: (part, stage, seconds, generation tokens/s, training tokens/s) for the harvest,
+    each sub-run's stages (`<model>/time/<stage>_s`, `<model>/throughput/<stage>/gen_tokens_per_s` and
+    `.../tokens_per_s`) and the margins."""
+    get = metrics.get
+    rows: list[TimeRow] = [
+        (
+            "harvest",
+            "generate",
+            get("time/quickstart/harvest_s"),
+            get("throughput/harvest/gen_tokens_per_s"),
+            None,
+        )
+    ]
+    for model in models:
+        prefix = f"{model}/time/"
+        stages = [k[len(prefix) : -2] for k in metrics if k.startswith(prefix) and k.endswith("_s")]
+        stages.sort(key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER))
+        for stage in stages:
+            speed = f"{model}/throughput/{stage}"
+            rows.append(
+                (
+                    model,
+                    stage,
+                    get(prefix + f"{stage}_s"),
+                    get(f"{speed}/gen_tokens_per_s"),
+                    get(f"{speed}/tokens_per_s"),
+                )
+            )
+    rows.append(("margins", "first-token margin", get("time/quickstart/margin_s"), None, None))
+    return rows
+
+
+def time_table(metrics: dict[str, float], models) -> list[str]:
+    """The "where the time goes" markdown table, with a total row."""
+
+    def cell(value: float | None, digits: str) -> str:
+        return "-" if value is None else format(value, digits)
+
+    rows = time_rows(metrics, models)
+    lines = ["| part | stage | seconds | generation tokens/s | training tokens/s |", "|---|---|---|---|---|"]
+    for part, stage, seconds, gen, train in rows:
+        cells = [part, stage, cell(seconds, ".0f"), cell(gen, ".1f"), cell(train, ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    total = sum(r[2] for r in rows if r[2] is not None)
+    lines.append(f"| total | | {total:.0f} ({total / 60:.1f} min) | | |")
+    return lines
+
+
 def plot_asr_vs_depth(metrics: dict[str, float], models, path: Path) -> bool:
     import matplotlib
 
@@ -141,6 +194,11 @@ def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> P
         *model_rows,
         "",
         f"Stage times: {timings}; total {sum(times.values()) / 60:.1f} min.",
+        "",
+        "Where the time goes: each part's stages, with the tokens generated per second (new tokens) and",
+        "trained per second (non-padding input tokens) where the stage generated or trained in this run.",
+        "",
+        *time_table(metrics, models),
         "",
     ]
     text += [f"![{name}]({name})" for name in images]

@@ -42,7 +42,7 @@ class WandbTracker(NullTracker):
         kwargs: dict[str, Any] = dict(
             project=cfg.project,
             entity=cfg.entity,
-            group=cfg.group,
+            group=redact(cfg.group),
             job_type=cfg.job_type,
             name=redact(cfg.run_name or name),  # the default name is the overrides: anything typed there
             tags=redact(list(cfg.tags)),

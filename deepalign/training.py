@@ -31,10 +31,41 @@ from deepalign.losses import (
     token_weights,
     weights_by_position,
 )
+from deepalign.precision import train_bf16
 from deepalign.rundir import write_text_atomic
 
 log = logging.getLogger(__name__)
 IGNORE = -100
+# transformers 5.x renamed TrainingArguments.gradient_checkpointing to activation_checkpointing (the old name
+# stays as a deprecated alias where the new one exists; releases before the rename know only the old one)
+CHECKPOINTING_ARG = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient: the run stops instead of saving NaN weights."""
+
+
+class FiniteGradientsCallback(TrainerCallback):
+    """Before each optimizer step: every gradient is finite, else stop naming the step and a parameter.
+
+    (Gradients that DeepSpeed keeps in its own partitions are not visible here; the loss check still is.)"""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        device = named[0][1].device
+        if bool(torch.stack([torch.isfinite(g).all().to(device) for _, g in named]).all()):
+            return
+        name = next(n for n, g in named if not bool(torch.isfinite(g).all()))
+        raise NonFiniteError(
+            f"training: non-finite gradient (of {name}) at step {state.global_step + 1}; lower "
+            "train.optimizer.lr and check the data"
+        )
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -89,14 +120,16 @@ class AlignmentTrainer(Trainer):
     """A Trainer whose loss is SFT or the token-wise constrained objective, normalised per target token.
 
     The loss is divided by the number of target tokens of the whole optimizer step (all micro-batches,
-    all processes: the Trainer's `num_items_in_batch`), so gradient accumulation and data parallelism
-    give the same gradient as one big batch.
+    all processes: `num_items_in_batch`, counted here when the Trainer does not count it), so gradient
+    accumulation and data parallelism give the same gradient as one big batch. A non-finite loss or
+    gradient stops training with a `NonFiniteError` naming the step.
     """
 
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, loss_config: LossConfig, **kwargs):
         super().__init__(*args, **kwargs)
+        self.add_callback(FiniteGradientsCallback())
         self.loss_config = loss_config
         self.position_weights: dict[int, list[float]] = defaultdict(list)
         self.nll = [
@@ -126,7 +159,25 @@ class AlignmentTrainer(Trainer):
                 self.position_weights[pos].append(w)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        if model.training and not torch.isfinite(loss.detach()):
+            raise NonFiniteError(
+                f"training: the loss is {float(loss.detach())} at step {self.state.global_step + 1}; lower "
+                "train.optimizer.lr and check the data"
+            )
         return (loss, outputs) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The micro-batches of one optimizer step and their target-token count.
+
+        The Trainer counts the tokens only for models whose forward takes loss kwargs; for the others
+        (and remote-code models) count them here, so the loss is still normalised over the whole step."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if num_items is None and batches and "labels" in batches[0]:
+            num_items = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+            num_items = torch.tensor(num_items, device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                num_items = self.accelerator.gather(num_items).sum()
+        return batches, num_items
 
     def pop_logs(self) -> dict[str, float]:
         """Since the last call: the NLL per target token (`train/nll`, on this process's batches) and, for the
@@ -138,21 +189,43 @@ class AlignmentTrainer(Trainer):
         self.nll = [0.0, 0]
         return out
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's logs plus `pop_logs()`: in the log history, so checkpoints keep them too."""
+        logs.update(self.pop_logs())
+        super().log(logs, start_time)
+
+
+def log_entry(logs: dict[str, Any], step: int) -> dict[str, float]:
+    """A Trainer log (or log-history entry) as a `train_log.jsonl` row: numbers only, keys under `train/`."""
+    values = {
+        k if k.startswith("train/") else f"train/{k}": float(v)
+        for k, v in logs.items()
+        if isinstance(v, (int, float)) and k != "step"
+    }
+    return {"step": step, **values}
+
+
+def mean_logged_loss(log_history: list[dict[str, Any]]) -> float:
+    """The mean training loss per step from the logged losses (each the mean since the previous log)."""
+    total, last = 0.0, 0
+    for h in log_history:
+        if "loss" in h:
+            total += h["loss"] * (h["step"] - last)
+            last = h["step"]
+    return total / max(last, 1)
+
 
 class TrackerCallback(TrainerCallback):
     """Sends the Trainer's logs (plus the plain NLL and the constraint's per-position weights) onward."""
 
-    def __init__(self, tracker, trainer_ref: list[AlignmentTrainer]):
-        self.tracker, self.trainer_ref = tracker, trainer_ref
-        self.history: list[dict[str, float]] = []
+    def __init__(self, tracker):
+        self.tracker = tracker
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:
             return
-        values = {f"train/{k}": float(v) for k, v in logs.items() if isinstance(v, (int, float))}
-        if self.trainer_ref:
-            values.update(self.trainer_ref[0].pop_logs())
-        self.history.append({"step": state.global_step, **values})
+        values = log_entry(logs, state.global_step)
+        del values["step"]
         self.tracker.log(values, step=state.global_step)
 
 
@@ -183,8 +256,9 @@ def training_arguments(cfg: TrainConfig, output_dir: Path) -> TrainingArguments:
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        bf16=cfg.bf16,
-        activation_checkpointing=cfg.gradient_checkpointing,
+        bf16=train_bf16(cfg.bf16, "cuda" if torch.cuda.is_available() else "cpu"),  # true | false | auto
+        include_num_input_tokens_seen="non_padding",  # for the train stage's tokens/s
+        **{CHECKPOINTING_ARG: cfg.gradient_checkpointing},
         save_strategy="steps" if cfg.save_steps > 0 else "no",
         save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
         save_total_limit=cfg.save_total_limit,
@@ -276,18 +350,15 @@ def train(
         with args.main_process_first(local=False, desc="checkpoint folder"):  # the others wait for it
             if args.process_index == 0:
                 fresh_checkpoints(output_dir, fingerprint)
-    trainer_ref: list[AlignmentTrainer] = []
-    callback = TrackerCallback(tracker, trainer_ref)
     trainer = AlignmentTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[callback],
+        callbacks=[TrackerCallback(tracker)],
         loss_config=loss,
     )
-    trainer_ref.append(trainer)
     last = last_complete_checkpoint(output_dir)
     state = json.loads((Path(last) / "trainer_state.json").read_text()) if last else {}
     resumed = int(state.get("global_step", 0))
@@ -296,17 +367,19 @@ def train(
         # more, which would change the weights of a run that only re-evaluates.)
         log.info("training already finished in %s; loading it", last)
         trainer._load_from_checkpoint(last)
-        losses = [h["loss"] for h in state.get("log_history", []) if "loss" in h]
-        mean_loss, steps = sum(losses) / max(len(losses), 1), resumed
+        history, steps = state.get("log_history", []), resumed
+        mean_loss = mean_logged_loss(history)
     else:
         if last:
             log.info("resuming from %s", last)
         result = trainer.train(resume_from_checkpoint=last)
-        mean_loss, steps = float(result.training_loss), int(result.global_step)
+        # a resumed run's log history holds the checkpoint's steps too; its training_loss only the new ones
+        history, steps = trainer.state.log_history, int(result.global_step)
+        mean_loss = mean_logged_loss(history) if last else float(result.training_loss)
     metrics = {
         "train/mean_loss": round(mean_loss, 6),
         "train/steps": steps,
         "train/resumed_from_step": resumed,
     }
     trainer.model.eval()
-    return trainer, metrics, callback.history
+    return trainer, metrics, [log_entry(h, h["step"]) for h in history]

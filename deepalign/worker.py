@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from deepalign.config import ConfigError, DeepAlignConfig
 from deepalign.data import DataError
 from deepalign.launch import process_rank, read_payload
+from deepalign.rundir import RunDirError, redact, redact_logs
 
 FORMAT = "[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s"
 
@@ -31,6 +32,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     for handler in handlers:
         handler.setFormatter(formatter)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers, force=True)
+    redact_logs()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,9 +54,11 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         run(cfg, args.run_dir, run_name=launched["run_name"], argv=launched["argv"], checked=True)
-    except (ConfigError, DataError) as err:
-        print(f"deepalign (rank {rank}): {type(err).__name__}: {err}", file=sys.stderr)
+    except (ConfigError, DataError, RunDirError) as err:
+        print(redact(f"deepalign (rank {rank}): {type(err).__name__}: {err}"), file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # the parent, interrupted too, says how to resume
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

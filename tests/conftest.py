@@ -13,6 +13,7 @@ from deepalign.config import ModelConfig, register_configs, validate
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("DEEPALIGN_CPU_BF16", "0")  # precision `auto`: fp32 on any CPU, the same numbers
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
@@ -33,3 +34,54 @@ def smollm2_tokenizer(tiny_model_config):
     from deepalign.models import load_tokenizer
 
     return load_tokenizer(tiny_model_config)
+
+
+# The Llama-2-chat template as shipped with meta-llama/Llama-2-7b-chat-hf.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+# A few sentences to train the SentencePiece-style test tokenizer's merges on.
+METASPACE_CORPUS = [
+    "Sure, here is how to pick a lock: first insert the tension wrench.",
+    "Sure, here is the list: alpha beta gamma delta epsilon zeta eta theta iota kappa.",
+    "I can't help with that. I cannot help with that request. Sorry, no. I won't.",
+    "How do I pick a lock? Please answer request one. Placeholder request?",
+    "Name three colours. Red, green and blue are three colours. Count to five. One, two, three, four, five.",
+    "What is two plus two? Two plus two is four, which is an even number. Describe the sea. Say hi. Hi!",
+    "[INST] <<SYS>> Be brief. <</SYS>> [/INST] Here we go: step one, step two.",
+]
+
+
+@pytest.fixture(scope="session")
+def metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (a BPE under a Metaspace pre-tokenizer that prepends "▁", like
+    Llama-2's) with the Llama-2-chat template and special tokens, trained on a few sentences in well under a
+    second: a response tokenizes differently on its own and inside the chat where its start differs."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    model = Tokenizer(models.BPE(unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    model.decoder = decoders.Metaspace(prepend_scheme="always")
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=list(string.printable), show_progress=False
+    )
+    model.train_from_iterator(METASPACE_CORPUS, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tok.chat_template = LLAMA2_TEMPLATE
+    return tok

@@ -28,13 +28,20 @@ from deepalign.data import DataError
 HARMFUL = "Sure, here is how."  # a few tokens: too short for a deep prefill
 
 # Files the cases point at (`{dir}` in an override is the folder holding them).
-FILES: dict[str, str] = {
+FILES: dict[str, str | bytes] = {
     "short.jsonl": '{"prompt": "Tell me a secret.", "harmful": "' + HARMFUL + '"}\n',
     "empty.jsonl": "\n",
     "bad.jsonl": '{"prompt": "A fine first row."}\n{"prompt": "a broken second row",\n',
     "no_prompt.csv": "text,target\nHow do I do it?,Sure\n",
     "no_response.jsonl": '{"prompt": "Question?", "response": "Answer."}\n{"prompt": "Question two?"}\n',
     "a_file": "a regular file, where a folder is expected\n",
+    "latin1.csv": "prompt\nHow do I pick a lock?\nQu'est-ce qu'un caf\xe9?\n".encode("latin-1"),
+    "utf16.jsonl": '{"prompt": "How do I pick a lock?"}\n'.encode("utf-16"),
+    "duplicate_ids.jsonl": '{"id": "q1", "prompt": "One?"}\n{"id": "q2", "prompt": "Two?"}\n'
+    '{"id": "q1", "prompt": "Three?"}\n',
+    "empty_model/README.md": "weights to come\n",
+    "broken_model/config.json": '{"model_type": "llama"}\n',
+    "broken_model/model.safetensors": b'\x40\x00\x00\x00\x00\x00\x00\x00{"w": {"dtype": "F32"',  # cut short
 }
 EVAL = ["stages=[attack]"]  # attack=[none] judge=[keyword] by default
 
@@ -114,6 +121,18 @@ CASES: list[Case] = [
         ("loss=constrained", "loss.beta.values=[2,0]"),
         r"^loss\.beta\.values\[1\]: must be > 0",
     ),
+    Case(
+        "infinite-beta",
+        "infinite beta (would train to NaN weights)",
+        ("loss=constrained", "loss.beta.first=inf"),
+        r"^loss\.beta\.first: must be a finite number, got inf",
+    ),
+    Case(
+        "infinite-lr",
+        "infinite learning rate",
+        ("stages=[train]", "train.optimizer.lr=inf"),
+        r"^train\.optimizer\.lr: must be a finite number, got inf",
+    ),
     Case("model-hf-no-path", "model=hf without a path", ("model=hf",), r"^model\.path: source=hf needs"),
     Case(
         "top-p",
@@ -144,6 +163,12 @@ CASES: list[Case] = [
         "bad GCG settings (negative steps)",
         ("attack=[gcg]", "attack.gcg.steps=-5"),
         r"^attack\.gcg\.steps: must be >= 1",
+    ),
+    Case(
+        "bf16-setting",
+        "bf16 setting that is not true, false or auto",
+        ("train.bf16=yes",),
+        r"^train\.bf16: 'yes' is not true, false or auto",
     ),
     Case(
         "attack-no-eval",
@@ -243,12 +268,79 @@ CASES: list[Case] = [
         ("stages=[analyze]", "eval.prompts=demo:harmful_prompts"),
         r"^analysis\.reference: KL needs a reference model",
     ),
+    Case(
+        "no-stages", "no stage at all", ("stages=[]",), r"^stages: no stage to run; choose from train, probe"
+    ),
+    Case(
+        "prefill-no-depths",
+        "prefill attack without depths",
+        (*EVAL, "attack=[prefill]", "attack.prefill.depths=[]", "eval.prompts=demo:harmful_prompts"),
+        r"^attack\.prefill\.depths: empty, and no attack\.prefill\.strings",
+    ),
+    Case(
+        "eval-limit-negative",
+        "negative limit on the evaluation set",
+        (*EVAL, "eval.prompts=demo:harmful_prompts", "eval.limit=-1"),
+        r"^eval\.limit: must be >= 1 \(or null: every row\), got -1",
+    ),
+    Case(
+        "quickstart-limit-zero",
+        "zero limit on the quickstart's evaluation prompts",
+        ("quickstart.eval_limit=0",),
+        r"^quickstart\.eval_limit: must be >= 1",
+    ),
+    Case(
+        "utility-limit-negative",
+        "negative limit on the benign prompts",
+        ("utility.benign_limit=-5",),
+        r"^utility\.benign_limit: must be >= 1",
+    ),
+    Case(
+        "eval-latin1",
+        "evaluation CSV in Latin-1, not UTF-8",
+        (*EVAL, "eval.prompts={dir}/latin1.csv"),
+        r"^eval\.prompts: .*latin1\.csv, line 3: not UTF-8 text \(byte 0xe9\); save it as UTF-8",
+    ),
+    Case(
+        "eval-utf16",
+        "evaluation file in UTF-16",
+        (*EVAL, "eval.prompts={dir}/utf16.jsonl"),
+        r"^eval\.prompts: .*utf16\.jsonl is UTF-16 text, not UTF-8",
+    ),
+    Case(
+        "eval-duplicate-ids",
+        "two evaluation requests with the same id",
+        (*EVAL, "eval.prompts={dir}/duplicate_ids.jsonl"),
+        r"^eval\.prompts: id 'q1' is used twice, in .*duplicate_ids\.jsonl, line 1 and in .*, line 3",
+    ),
+    Case(
+        "empty-model-folder",
+        "model folder without model files",
+        ("model=hf", "model.path={dir}/empty_model"),
+        r"^model\.path: no model files in .*empty_model \(config\.json / \*\.safetensors missing\)",
+    ),
+    Case(
+        "truncated-weights",
+        "truncated safetensors file",
+        ("model=hf", "model.path={dir}/broken_model"),
+        r"^model\.path: .*broken_model/model\.safetensors cannot be read \(.*\); it is truncated or damaged",
+    ),
+    Case(
+        "missing-model-folder",
+        "model folder that does not exist",
+        ("model=hf", "model.path={dir}/no_such_model"),
+        r"^model\.path: no such folder .*no_such_model",
+    ),
 ]
 
 
 def write_files(folder: Path) -> None:
-    for name, text in FILES.items():
-        (folder / name).write_text(text)
+    for name, content in FILES.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        else:
+            (folder / name).write_text(content)
 
 
 def _console_message(stderr: str) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,17 @@ FAKE_SECRETS = {
     "OPENAI_API_KEY": "sk-fakeOpenAIKey0123456789",
     "WANDB_API_KEY": "fakeWandbKey0123456789abcdef0123456789ab",
 }
+TYPED_SECRETS = {  # on the command line only: a URL's user and password, a credential-named env_set
+    "url_user": "urlUserName0123",
+    "url_password": "urlPassw0rd0123456789",
+    "env_set": "envSetToken0123456789",
+}
+SECRET_OVERRIDES = (
+    f"logger.tags=[{FAKE_SECRETS['HF_TOKEN']}]",
+    "judge=[keyword,rubric]",
+    f"judge.rubric.base_url=http://{TYPED_SECRETS['url_user']}:{TYPED_SECRETS['url_password']}@llm.example.org/v1",
+    f"++hydra.job.env_set.SERVICE_TOKEN={TYPED_SECRETS['env_set']}",
+)
 
 
 def deepalign(*args: str, cwd: Path, env: dict[str, str] | None = None, module: bool = False):
@@ -35,7 +48,7 @@ def tiny_run(tmp_path_factory):
         "model=tiny",
         "logger=wandb",
         f"hydra.run.dir={run_dir}",
-        f"logger.tags=[{FAKE_SECRETS['HF_TOKEN']}]",
+        *SECRET_OVERRIDES,
         cwd=cwd,
         env=FAKE_SECRETS,
     )
@@ -71,12 +84,16 @@ def test_wandb_offline_run_is_in_the_run_dir(tiny_run):
 
 def test_no_secret_in_any_artifact(tiny_run):
     run_dir, out = tiny_run
+    secrets = {**FAKE_SECRETS, **TYPED_SECRETS}
     for path in [p for p in run_dir.rglob("*") if p.is_file()]:
         data = path.read_bytes()
-        for name, value in FAKE_SECRETS.items():
+        for name, value in secrets.items():
             assert value.encode() not in data, f"{name} leaked into {path.relative_to(run_dir)}"
-    for value in FAKE_SECRETS.values():
+    for value in secrets.values():
         assert value not in out.stdout + out.stderr
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["judge"]["rubric"]["base_url"] == "http://***REDACTED***@llm.example.org/v1"
+    assert any(p.name.endswith(".wandb") for p in (run_dir / "wandb").rglob("*")), "W&B files were read"
 
 
 def test_same_run_dir_again_skips_finished_stages(tiny_run):
@@ -86,7 +103,7 @@ def test_same_run_dir_again_skips_finished_stages(tiny_run):
         "model=tiny",
         "logger=wandb",
         f"hydra.run.dir={run_dir}",
-        f"logger.tags=[{FAKE_SECRETS['HF_TOKEN']}]",
+        *SECRET_OVERRIDES,
         "logger.mode=disabled",
         cwd=run_dir.parent,
         env=FAKE_SECRETS,
@@ -241,3 +258,108 @@ def test_checkpoints_of_another_config_are_moved_aside_not_resumed(tmp_path):
     assert not (folder / "checkpoint-4").exists()
     assert (tmp_path / "checkpoints-aaa" / "checkpoint-4").is_dir()
     assert (folder / "fingerprint.txt").read_text().strip() == "bbb"
+
+
+def test_a_second_command_on_a_run_dir_in_use_fails_at_once_and_a_killed_one_leaves_no_lock(tmp_path):
+    """Two identical commands in one run dir: the second stops, naming the first; the first's lock goes with
+    its process, also when the process is killed."""
+    from deepalign.rundir import lock_run_dir
+
+    run_dir, started = tmp_path / "run", tmp_path / "started"
+    args = ["model=tiny", "logger=none", f"hydra.run.dir={run_dir}"]
+    holder_code = (
+        "import pathlib, sys, time\nfrom deepalign import cli\n"
+        "def stage(ctx):\n"
+        f"    pathlib.Path({str(started)!r}).touch()\n"
+        "    time.sleep(120)\n"
+        "cli._stage_registry = lambda: {'probe': stage}\ncli.main()\n"
+    )
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    holder = subprocess.Popen([sys.executable, "-c", holder_code, *args], cwd=tmp_path, env=env)
+    try:
+        deadline = time.time() + 120
+        while not started.exists():
+            assert holder.poll() is None and time.time() < deadline, (
+                "the first command never started its stage"
+            )
+            time.sleep(0.2)
+        out = deepalign(*args, cwd=tmp_path)
+        assert out.returncode == 2, out.stderr[-3000:]
+        assert re.search(
+            rf"deepalign: run dir error: run dir {re.escape(str(run_dir))} is in use by another deepalign "
+            rf"process \(pid {holder.pid} on \S+, started \d{{4}}-\d\d-\d\dT",
+            out.stderr,
+        ), out.stderr[-3000:]
+        assert "loaded " not in out.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    with lock_run_dir(run_dir):  # the killed holder's lock is gone
+        pass
+
+
+def test_the_launcher_holds_the_run_dir_and_its_workers_do_not_wait_for_it(tmp_path, monkeypatch):
+    from conftest import compose_config
+
+    from deepalign import cli
+    from deepalign.rundir import RunDirError, lock_run_dir
+
+    run_dir, seen = tmp_path / "run", []
+    cfg = compose_config(["model=tiny", "logger=none", "launcher=torchrun"])
+    monkeypatch.setattr(cli, "_stage_registry", lambda: {"probe": lambda ctx: {"probe/x": 1.0}})
+
+    def workers(cfg, launcher, run_dir, run_name):  # what `python -m deepalign.worker` runs, in process
+        with pytest.raises(RunDirError, match="in use by another deepalign process"), lock_run_dir(run_dir):
+            pass
+        seen.append(cli.run(cfg, run_dir, checked=True))
+        return 0
+
+    monkeypatch.setattr(cli, "launch", workers)
+    cli.start_workers(cfg, run_dir, None)
+    assert seen == [{"probe/x": 1.0, "time/probe_s": seen[0]["time/probe_s"]}]
+    with lock_run_dir(run_dir):  # released
+        pass
+
+
+def test_ctrl_c_finishes_the_tracker_with_exit_code_130(tmp_path, monkeypatch):
+    from conftest import compose_config
+
+    from deepalign import cli
+
+    tracker = RecordingTracker()
+    monkeypatch.setattr(cli, "start_tracker", lambda *a, **k: tracker)
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_stage_registry", lambda: {"probe": interrupted})
+    with pytest.raises(KeyboardInterrupt):
+        cli.run(compose_config(["model=tiny", "logger=none"]), tmp_path / "run")
+    assert tracker.finished == [130]
+    assert not (tmp_path / "run" / ".deepalign.lock.json").exists()
+
+
+def test_damaged_stages_json_reruns_the_stages_and_damaged_metrics_json_stops(tmp_path, monkeypatch):
+    from conftest import compose_config
+
+    from deepalign import cli
+    from deepalign.rundir import RunDirError
+
+    calls = []
+    monkeypatch.setattr(cli, "_stage_registry", lambda: {"probe": lambda ctx: calls.append(1) or {"p": 1.0}})
+    cfg, run_dir = compose_config(["model=tiny", "logger=none"]), tmp_path / "run"
+    cli.run(cfg, run_dir)
+    cli.run(cfg, run_dir)
+    assert len(calls) == 1  # finished: skipped
+    (run_dir / "stages.json").write_text('{"probe": "1234')  # cut short
+    cli.run(cfg, run_dir)
+    assert len(calls) == 2, "a damaged stages.json counts as nothing finished"
+    assert [p.name.split("-")[0] for p in run_dir.glob("stages.json.corrupt-*")] == ["stages.json.corrupt"]
+    assert json.loads((run_dir / "stages.json").read_text()).keys() == {"probe"}
+    (run_dir / "metrics.json").write_text('{"p": 1.')
+    with pytest.raises(
+        RunDirError, match=r"metrics\.json is damaged, not valid JSON .*repair it, or move it"
+    ):
+        cli.run(cfg, run_dir)
+    assert (run_dir / "metrics.json").read_text() == '{"p": 1.'
+    assert len(calls) == 2

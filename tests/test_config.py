@@ -132,6 +132,25 @@ def test_bad_values_fail_validation_naming_the_key(overrides, key):
     assert str(info.value).startswith(f"{key}:"), str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.beta.first=inf", "loss.beta.first: must be a finite number, got inf"),
+        ("train.optimizer.lr=inf", "train.optimizer.lr: must be a finite number, got inf"),
+        ("train.optimizer.eps=nan", "train.optimizer.eps: must be a finite number, got nan"),
+        ("train.optimizer.betas=[0.9,-inf]", "train.optimizer.betas[1]: must be a finite number, got -inf"),
+        ("loss.beta.values=[0.5,nan]", "loss.beta.values[1]: must be a finite number, got nan"),
+        ("train.max_grad_norm=inf", "train.max_grad_norm: must be a finite number, got inf"),
+        ("+model.arch.rms_norm_eps=nan", "model.arch.rms_norm_eps: must be a finite number, got nan"),
+    ],
+)
+def test_non_finite_numbers_fail_validation_naming_the_key(override, message):
+    """An inf learning rate or beta trains to NaN weights whose empty answers would count as refusals."""
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(["model=tiny", "loss=constrained", override]))
+    assert str(info.value) == message
+
+
 def test_bad_config_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was checked")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
-from deepalign.chat import encode_for_training, prefill_text
+from deepalign.chat import encode_for_training, response_tokens
 from deepalign.config import ConfigError, DataComponent, DataConfig, validate
 from deepalign.data import (
     DataError,
@@ -59,8 +59,9 @@ def mixture(components: dict[str, DataComponent], **kwargs) -> DataConfig:
     return DataConfig(components=components, **kwargs)
 
 
-def n_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+def n_tokens(tokenizer, prompt: str, response: str) -> int:
+    """The response's token count inside the rendered chat (what recovery examples count)."""
+    return len(response_tokens(tokenizer, prompt, response))
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -568,37 +569,38 @@ def test_recovery_prob_one_always_prefills_within_bounds(smollm2_tokenizer, max_
     seen = {}
     for e in examples:
         row = rows[e.prompt]
-        bound = min(max_k, n_tokens(smollm2_tokenizer, row["harmful"]))
+        bound = min(max_k, n_tokens(smollm2_tokenizer, e.prompt, row["harmful"]))
         assert 1 <= e.k <= bound
-        assert e.response == row["refusal"]  # the loss stays on the refusal
+        assert e.response == " " + row["refusal"]  # the loss stays on the separator and the refusal
         seen.setdefault(e.prompt, set()).add(e.k)
     long_prompt = recovery_rows()[2]["prompt"]
     assert max(seen[long_prompt]) == min(
-        max_k, n_tokens(smollm2_tokenizer, HARMFUL[2])
+        max_k, n_tokens(smollm2_tokenizer, long_prompt, HARMFUL[2])
     )  # the bound is reached
     assert min(seen[long_prompt]) == 1
 
 
-def test_recovery_prefill_is_the_first_k_tokens_plus_separator(smollm2_tokenizer):
+def test_recovery_prefill_is_the_first_k_tokens_and_the_target_starts_with_the_separator(smollm2_tokenizer):
     rows = {r["prompt"]: r for r in recovery_rows()}
     ended_in_space = 0
     for e in recovery_examples(smollm2_tokenizer, 1.0, 300):
-        text = prefill_text(smollm2_tokenizer, rows[e.prompt]["harmful"], e.k)
-        assert e.prefill == text + " "  # always: a trailing space token must not merge with the refusal
-        ended_in_space += text[-1:].isspace()
+        tokens = response_tokens(smollm2_tokenizer, e.prompt, rows[e.prompt]["harmful"])
+        assert e.prefill == tokens.prefix_text(e.k) and e.prefill_ids == tuple(tokens.context_ids(e.k))
+        assert e.response == " " + rows[e.prompt]["refusal"]
+        ended_in_space += e.prefill[-1:].isspace()
     assert ended_in_space > 0  # the whitespace-ending case was exercised
 
 
 def test_recovery_separator_is_configurable(smollm2_tokenizer):
     rows = {r["prompt"]: r for r in recovery_rows()}
     for e in recovery_examples(smollm2_tokenizer, 1.0, 50, recovery_separator=" -- "):
-        text = prefill_text(smollm2_tokenizer, rows[e.prompt]["harmful"], e.k)
-        assert e.prefill == text + " -- "
+        text = response_tokens(smollm2_tokenizer, e.prompt, rows[e.prompt]["harmful"]).prefix_text(e.k)
+        assert e.prefill == text and e.response == " -- " + rows[e.prompt]["refusal"]
 
 
 def test_recovery_prob_zero_never_prefills(smollm2_tokenizer):
     examples = recovery_examples(smollm2_tokenizer, 0.0, 100)
-    assert all(e.k == 0 and e.prefill == "" for e in examples)
+    assert all(e.k == 0 and e.prefill == "" and e.prefill_ids == () for e in examples)
 
 
 def test_recovery_prob_half_mixes_in_stats(tmp_path, smollm2_tokenizer):
@@ -620,14 +622,16 @@ def test_recovery_prob_half_mixes_in_stats(tmp_path, smollm2_tokenizer):
     assert stats["data/recovery/share_k0"] == round(share_k0, 4)  # over the recovery component only
     assert stats["data/recovery/mean_k"] == round(sum(safety) / len(safety), 3)
     assert all(e.k == 0 and e.prefill == "" for e in examples if e.component == "utility")
-    assert all((e.k == 0) == (e.prefill == "") for e in examples)
+    assert all((e.k == 0) == (e.prefill == "") == (e.prefill_ids == ()) for e in examples)
 
 
 def test_recovery_example_trains_on_the_refusal_after_the_prefill(smollm2_tokenizer):
     tok = smollm2_tokenizer
     rows = {r["prompt"]: r for r in recovery_rows()}
     for e in recovery_examples(tok, 1.0, 30):
-        enc = encode_for_training(tok, e.prompt, e.response, prefill=e.prefill, system=e.system)
+        enc = encode_for_training(
+            tok, e.prompt, e.response, prefill=e.prefill, prefill_ids=e.prefill_ids, system=e.system
+        )
         first = enc.labels_mask.index(True)
         labelled = tok.decode([i for i, m in zip(enc.input_ids, enc.labels_mask) if m])
         assert labelled.strip().startswith(rows[e.prompt]["refusal"])
@@ -638,14 +642,53 @@ def test_recovery_example_trains_on_the_refusal_after_the_prefill(smollm2_tokeni
 def test_recovery_context_holds_exactly_k_harmful_tokens_after_a_double_space(smollm2_tokenizer):
     tok = smollm2_tokenizer
     harmful = "Sure.  Here we go: one, two, three."
-    assert prefill_text(tok, harmful, 3) == "Sure. "  # the 3rd token is a lone space
+    assert response_tokens(tok, "Placeholder request?", harmful).prefix_text(3) == "Sure. "  # a lone space
     row = {"prompt": "Placeholder request?", "harmful": harmful, "refusal": REFUSAL}
     comp = DataComponent(source="t.jsonl", schema="safety_triplet", recovery=True, recovery_prob=1.0)
     harmful_ids = tok(harmful, add_special_tokens=False)["input_ids"]
     for e in component_examples("s", comp, [row], 60, tok, random.Random(0), None):
-        enc = encode_for_training(tok, e.prompt, e.response, prefill=e.prefill)
+        enc = encode_for_training(tok, e.prompt, e.response, prefill=e.prefill, prefill_ids=e.prefill_ids)
         context = enc.input_ids[enc.prompt_length : enc.labels_mask.index(True)]
         assert context == harmful_ids[: e.k], f"k={e.k} prefill={e.prefill!r}"
+
+
+# Harmful answers whose start a stripping template or a SentencePiece tokenizer tokenizes differently inside
+# the chat than on their own.
+WHITESPACE_HARMFUL = [
+    "\n Sure,  here is the list:\n\nalpha beta gamma delta.",
+    " Sure. Here we go: one, two.",
+]
+
+
+@pytest.mark.parametrize("tokenizer", ["smollm2_tokenizer", "metaspace_tokenizer"])
+def test_recovery_context_holds_exactly_the_first_k_harmful_tokens_of_the_chat(request, tokenizer):
+    """k counts the harmful answer's tokens in the rendered chat, and the training context before the refusal
+    is exactly the first k of them (the Metaspace tokenizer has the Llama-2 template, which strips)."""
+    tok = request.getfixturevalue(tokenizer)
+    rows = [
+        {"prompt": f"Placeholder request {i}?", "harmful": h, "refusal": REFUSAL}
+        for i, h in enumerate([*HARMFUL, *WHITESPACE_HARMFUL])
+    ]
+    harmful = {r["prompt"]: r["harmful"] for r in rows}
+    comp = DataComponent(source="t.jsonl", schema="safety_triplet", recovery=True, recovery_prob=1.0)
+    drawn: dict[str, set[int]] = {}
+    merged = 0  # examples whose text alone would re-tokenize into other context tokens
+    for e in component_examples("s", comp, rows, 600, tok, random.Random(0), None):
+        whole = encode_for_training(tok, e.prompt, harmful[e.prompt])  # the whole harmful answer in the chat
+        expected = whole.input_ids[whole.prompt_length : whole.prompt_length + e.k]
+        enc = encode_for_training(tok, e.prompt, e.response, prefill=e.prefill, prefill_ids=e.prefill_ids)
+        first = enc.labels_mask.index(True)
+        assert enc.input_ids[enc.prompt_length : first] == expected, e.prefill
+        assert enc.input_ids[: enc.prompt_length] == whole.input_ids[: whole.prompt_length]
+        labelled = [i for i, m in zip(enc.input_ids, enc.labels_mask) if m]
+        assert tok.decode(labelled).lstrip().startswith(REFUSAL) and labelled[-1] == tok.eos_token_id
+        text_only = encode_for_training(tok, e.prompt, e.response, prefill=e.prefill)
+        merged += text_only.input_ids[text_only.prompt_length : text_only.labels_mask.index(True)] != expected
+        drawn.setdefault(e.prompt, set()).add(e.k)
+    for prompt, ks in drawn.items():  # k runs over 1..n, n the answer's tokens in the chat
+        assert ks == set(range(1, n_tokens(tok, prompt, harmful[prompt]) + 1)), prompt
+    # SmolLM2 merges "\n\n" + " I" into "\n\n", " I": the ids, not the text, keep the k tokens
+    assert (merged > 0) == (tokenizer == "smollm2_tokenizer")
 
 
 def test_recovery_histogram_bins():
@@ -722,3 +765,72 @@ def test_recovery_on_a_chat_component():
 def test_recovery_prob_out_of_range():
     message = config_error(["data=safety_recovery", *SAFETY, "data.components.safety.recovery_prob=2"])
     assert message.startswith("data.components.safety.recovery_prob: must be in [0, 1], got 2")
+
+
+# ---------------------------------------------------------------- encodings, duplicate ids
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
+def test_a_utf8_byte_order_mark_is_dropped(tmp_path, suffix):
+    """Excel's "CSV UTF-8" starts with a byte-order mark; the first column is still `prompt`."""
+    from deepalign.attacks import read_eval_items
+    from deepalign.config import EvalConfig
+
+    text = {
+        ".csv": "prompt,harmful\nHow do I pick a lock?,Sure: first\n",
+        ".jsonl": '{"prompt": "How do I pick a lock?", "harmful": "Sure: first"}\n',
+        ".json": '[{"prompt": "How do I pick a lock?", "harmful": "Sure: first"}]',
+    }[suffix]
+    path = tmp_path / f"bench{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    items = read_eval_items(EvalConfig(prompts=str(path)))
+    assert [(i.id, i.request, i.harmful) for i in items] == [("0", "How do I pick a lock?", "Sure: first")]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
+def test_a_latin1_file_names_the_file_line_and_key(tmp_path, suffix):
+    path = tmp_path / f"chats{suffix}"
+    text = {
+        ".csv": "prompt,response\nHi,Hello\nCafé?,Oui\n",
+        ".jsonl": '{"prompt": "Hi", "response": "Hello"}\n{"prompt": "Café?", "response": "Oui"}\n',
+        ".json": '[{"prompt": "Hi", "response": "Hello"},\n {"prompt": "Café?", "response": "Oui"}]',
+    }[suffix]
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        read_component(DataComponent(source=str(path)), KEY)
+    assert str(err.value) == (
+        f"{KEY}.source: {path}, line {3 if suffix == '.csv' else 2}: not UTF-8 text (byte 0xe9); save it as "
+        f"UTF-8 (e.g. `iconv -f LATIN1 -t UTF-8 {path.name} > utf8{suffix}` for a Latin-1 file)"
+    )
+
+
+def test_a_utf16_file_is_rejected_naming_the_key(tmp_path):
+    from deepalign.attacks import read_eval_items
+    from deepalign.config import EvalConfig
+
+    path = tmp_path / "bench.csv"
+    path.write_text("prompt\nHow do I pick a lock?\n", encoding="utf-16")  # with its byte-order mark
+    with pytest.raises(DataError, match=rf"^eval\.prompts: {re.escape(str(path))} is UTF-16 text, not UTF-8"):
+        read_eval_items(EvalConfig(prompts=str(path)))
+
+
+def test_duplicate_eval_ids_name_the_id_and_both_lines(tmp_path):
+    from deepalign.attacks import read_eval_items
+    from deepalign.config import EvalConfig
+
+    path = tmp_path / "bench.jsonl"
+    write_jsonl(
+        path, [{"id": "a", "prompt": "One?"}, {"id": "b", "prompt": "Two?"}, {"id": "a", "prompt": "3?"}]
+    )
+    with pytest.raises(DataError) as err:
+        read_eval_items(EvalConfig(prompts=str(path)))
+    assert str(err.value) == (
+        f"eval.prompts: id 'a' is used twice, in {path}, line 1 and in {path}, line 3; every request needs "
+        "its own id"
+    )
+    # an explicit id equal to another row's number counts too (ids are the `id` field, else the row number)
+    write_jsonl(path, [{"prompt": "One?"}, {"id": 0, "prompt": "Two?"}])
+    with pytest.raises(DataError, match=r"id '0' is used twice, in .*line 1 and in .*line 2"):
+        read_eval_items(EvalConfig(prompts=str(path)))
+    write_jsonl(path, [{"id": "a", "prompt": "One?"}, {"id": "b", "prompt": "Two?"}])
+    assert [i.id for i in read_eval_items(EvalConfig(prompts=str(path)))] == ["a", "b"]

@@ -11,14 +11,20 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 from conftest import compose_config
+from test_kl import direct_loss_and_grad_norm
+from transformers import AutoModelForCausalLM
 
 from deepalign import cli
 from deepalign.artifacts import JsonlStore
 from deepalign.attacks import decoding_grid, read_eval_items
-from deepalign.chat import encode_for_generation, prefill_text
+from deepalign.chat import encode_for_generation, encode_for_training, response_tokens
 from deepalign.config import DecodingAttack, EvalConfig, validate
 from deepalign.data import DataError
+from deepalign.judges import REFUSAL_LISTS
+from deepalign.models import load_model
 from deepalign.stages import attack as attack_stage
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau"
@@ -99,7 +105,7 @@ def test_prefill_attack_puts_exactly_k_tokens_in_the_assistant_turn(eval_file, t
     assert len(rows) == 3 * 4
     for row in rows:
         k = int(row["variant"].split("=")[1])
-        assert row["prefill"] == prefill_text(tok, HARMFUL, k)
+        assert row["prefill"] == response_tokens(tok, row["prompt"], HARMFUL).prefix_text(k)
         ids = encode_for_generation(tok, row["prompt"], prefill=row["prefill"])
         plain = encode_for_generation(tok, row["prompt"])
         assert ids[len(plain) :] == harmful_ids[:k], (
@@ -134,6 +140,8 @@ class CountingEngine:
 
 
 def test_interrupted_attack_resumes_without_redoing_finished_items(eval_file, tmp_path, monkeypatch):
+    """A killed attack resumes: only the lost generations are redone, and since a sample depends only on
+    (seed, id, sample), not on the batch it runs in, the redone ones equal those of the uninterrupted run."""
     overrides = [
         "attack=[none,decoding]",
         "attack.decoding.temperatures=[0.7]",
@@ -147,6 +155,11 @@ def test_interrupted_attack_resumes_without_redoing_finished_items(eval_file, tm
     lines = gen_path.read_text().split("\n")
     lines = [line for line in lines if line]
     assert len(lines) == 4 * (1 + 2 + 2)  # greedy once, two sampled settings x 2 samples
+    uninterrupted = {json.loads(line)["key"]: json.loads(line) for line in lines}
+    redone = [json.loads(line)["key"] for line in lines[-4:]]
+    # the comparison below means something: the lost records are samples, and they all differ
+    assert all(uninterrupted[k]["params"]["do_sample"] for k in redone)
+    assert len({uninterrupted[k]["response"] for k in redone}) == 4
     # Simulate a kill: the last 3 records lost, the one before torn mid-line; the stage not marked done.
     gen_path.write_text("\n".join(lines[:-4]) + "\n" + lines[-4][:20])
     (run_dir / "stages.json").unlink()
@@ -164,11 +177,7 @@ def test_interrupted_attack_resumes_without_redoing_finished_items(eval_file, tm
     second = cli.run(attack_config(eval_file, *overrides), run_dir)
     assert engines[0].rows == 4, "only the 4 lost or torn generations are redone"
     records = JsonlStore(gen_path).records
-    assert len(records) == 20
-    redone = [json.loads(line)["key"] for line in lines[-4:]]
-    for line in lines[:-4]:  # finished items are kept as they were
-        assert records[json.loads(line)["key"]] == json.loads(line)
-    assert set(redone) <= set(records)
+    assert records == uninterrupted  # finished items kept as they were, the redone ones generated the same
     untimed = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
     assert untimed(second) == untimed(first)
 
@@ -246,15 +255,55 @@ def test_analyze_and_utility_stages(eval_file, tmp_path):
             f"+utility.tasks={{gsm: {{source: {gsm}, schema: gsm8k}}}}",
         ]
     )
-    validate(cfg)
-    metrics = cli.run(cfg, tmp_path / "run")
-    kl = [metrics[f"kl/pos={k}"] for k in range(1, 9)]
-    assert all(v > 0 for v in kl), "three steps at lr 1e-2 move the model away from its initial self"
+    config = validate(cfg)
+    run = tmp_path / "run"
+    metrics = cli.run(cfg, run)
+    assert (run / "analysis" / "kl.png").read_bytes()[:4] == b"\x89PNG"
+    # Recomputed here from the two models, one pair at a time: the trained model saved in the run dir and
+    # the initial one (the tiny model is built from a fixed seed).
+    trained = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    initial = load_model(config.model)
+    tok = initial.tokenizer
+    pairs = [(f"Please answer request {i}.", HARMFUL) for i in range(4)]
+    kl: list[list[float]] = [[] for _ in range(8)]
+    with torch.no_grad():
+        for prompt, response in pairs:
+            enc = encode_for_training(tok, prompt, response)
+            ids = torch.tensor([enc.input_ids])
+            logp = F.log_softmax(trained(input_ids=ids).logits[0].float(), -1)
+            logq = F.log_softmax(initial.model(input_ids=ids).logits[0].float(), -1)
+            for k, i in enumerate([i for i, m in enumerate(enc.labels_mask) if m][:8]):
+                kl[k].append(float((logp[i - 1].exp() * (logp[i - 1] - logq[i - 1])).sum()))
     assert metrics["kl/pairs"] == 4
-    assert len([k for k in metrics if k.startswith("grad_norm/pos=")]) == 3
-    assert (tmp_path / "run" / "analysis" / "kl.png").read_bytes()[:4] == b"\x89PNG"
-    assert 0.0 <= metrics["utility/benign/over_refusal"] <= 1.0
-    assert metrics["utility/gsm/accuracy"] in (0.0, 1.0)
+    for k in range(8):
+        assert metrics[f"kl/pos={k + 1}"] == pytest.approx(sum(kl[k]) / 4, abs=1e-5)
+        assert metrics[f"kl/pos={k + 1}"] > 1e-3, "three steps at lr 1e-2 move the model from its start"
+    # The per-position loss and gradient norm of the first analysis batch (all 4 pairs), by autograd.
+    for k in range(3):
+        loss, norm = direct_loss_and_grad_norm(trained, tok, pairs, k)
+        assert metrics[f"loss/pos={k + 1}"] == pytest.approx(loss, abs=1e-5)
+        assert metrics[f"grad_norm/pos={k + 1}"] == pytest.approx(norm, rel=1e-5)
+    assert not any(key.startswith(("loss/pos=4", "grad_norm/pos=4")) for key in metrics)
+
+    # Utility: the stored answers are the trained model's own greedy answers (4 new tokens), and the
+    # metrics follow from them: a refusal phrase of `qi2024` (or nothing) is a refusal; GSM8k wants "4".
+    def answers(name: str, prompts: list[str]) -> list[str]:
+        records = JsonlStore(run / "generations" / f"utility_{name}.jsonl").records
+        stored = [records[f"utility/{name}/{i}/0"]["response"] for i in range(len(prompts))]
+        for prompt, text in zip(prompts, stored):
+            ids = torch.tensor([encode_for_generation(tok, prompt)])
+            out = trained.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+            assert text == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        return stored
+
+    benign = answers("benign", [f"Say {w}." for w in WORDS.split()[:3]])
+    phrases = REFUSAL_LISTS["qi2024"]
+    refused = [not a.strip() or any(p in a.replace("\u2019", "'") for p in phrases) for a in benign]
+    assert metrics["utility/benign/over_refusal"] == round(sum(refused) / 3, 4)
+    [gsm] = answers("gsm", ["What is 2 + 2?"])
+    numbers = re.findall(r"-?\d+", gsm.rsplit("####", 1)[-1])
+    answer = (numbers[0] if "####" in gsm else numbers[-1]) if numbers else None
+    assert metrics["utility/gsm/accuracy"] == float(answer == "4")
 
 
 def test_gcg_attack_through_the_stage(eval_file, tmp_path):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
+import random
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +20,9 @@ from deepalign.generation import (
     GenerationRequest,
     GenerationResult,
     HFEngine,
+    RowSampler,
     SamplingParams,
+    VLLMEngine,
     default_params,
     eos_token_ids,
     make_engine,
@@ -134,6 +140,110 @@ def test_sampling_is_reproducible_and_leaves_the_global_rng_alone(lively, prompt
     # the samples of one prompt differ from each other
     for i in range(len(prompt_ids)):
         assert len({tuple(first[(f"r/{i}", s)].token_ids) for s in range(3)}) == 3
+
+
+@pytest.mark.parametrize("warped", [False, True])
+def test_a_sample_depends_only_on_its_seed_id_and_index(warped, lively, prompt_ids):
+    """Each (request, sample) draws from its own generator: the same tokens at any batch size, alone, in a
+    batch with other requests (other prompt lengths, a greedy request) and when generated in two parts."""
+    params = dataclasses.replace(SAMPLED, temperature=0.8, top_k=50, top_p=0.9) if warped else SAMPLED
+    reqs = requests_for(prompt_ids, params, n=2, seed=5)
+    reference = tokens(run(lively, reqs, batch_size=6))
+    assert len({tuple(t) for t in reference.values()}) == len(reference)  # every sample differs
+    for batch_size in (1, 3, 4):
+        assert tokens(run(lively, reqs, batch_size=batch_size)) == reference
+    for r in reqs[:3]:
+        assert tokens(run(lively, [r], batch_size=1)) == {k: v for k, v in reference.items() if k[0] == r.id}
+    others = requests_for(prompt_ids[::-1], params, n=3, seed=5, prefix="other")
+    greedy = GenerationRequest("greedy", prompt_ids[1], dataclasses.replace(GREEDY, max_new_tokens=6))
+    mixed = tokens(run(lively, [*others[:4], reqs[0], greedy, *reqs[1:], *others[4:]], batch_size=5))
+    assert {k: v for k, v in mixed.items() if k[0].startswith("r/")} == reference
+    # a resume generates the missing requests alone: the same samples as in one go
+    assert (
+        tokens({**run(lively, reqs[::2], batch_size=6), **run(lively, reqs[1::2], batch_size=6)}) == reference
+    )
+
+
+def test_sampling_draws_from_the_warped_distribution():
+    """Rows whose scores give token A 0, token B log 3 and all others -1e4 draw from softmax(scores / T)
+    after top-k and top-p: the frequency of A over 4000 rows matches its probability."""
+    a, b, rows = 100, 200, 4000
+    scores = torch.full((rows, 1000), -1e4)
+    scores[:, a], scores[:, b] = 0.0, math.log(3)
+
+    def frequency_of_a(**changes) -> float:
+        sampler = RowSampler(SamplingParams(do_sample=True, **changes), seeds=range(rows))
+        draws = sampler(torch.zeros(rows, 1, dtype=torch.long), scores.clone()).argmax(dim=-1).tolist()
+        assert set(draws) <= {a, b}
+        return draws.count(a) / rows
+
+    # within 3.5 standard deviations (0.007 for 4000 draws at p = 0.25)
+    assert frequency_of_a() == pytest.approx(0.25, abs=0.025)  # 1 / (1 + 3)
+    assert frequency_of_a(temperature=2.0) == pytest.approx(1 / (1 + math.sqrt(3)), abs=0.025)
+    assert frequency_of_a(temperature=0.5) == pytest.approx(0.1, abs=0.02)  # 1 / (1 + 9)
+    assert frequency_of_a(top_p=0.8) == pytest.approx(0.25, abs=0.025)  # B alone holds 0.75 < 0.8
+    assert frequency_of_a(top_k=2) == pytest.approx(0.25, abs=0.025)
+    assert frequency_of_a(top_p=0.7) == 0.0  # B alone holds 0.75 >= 0.7
+    assert frequency_of_a(top_k=1) == 0.0
+
+
+def test_the_two_level_draw_inverts_the_cumulative_distribution():
+    """`RowSampler.draw` picks what one float64 cumulative sum over the whole row picks for the same uniform
+    numbers (vocabularies that are and are not a multiple of the block; half the tokens at probability 0)."""
+    gen = torch.Generator().manual_seed(1)
+    for vocab in (777, 3072):
+        logits = torch.randn(256, vocab, generator=gen) * torch.linspace(0.5, 8, 256)[:, None]
+        logits[torch.rand(256, vocab, generator=gen) < 0.5] = float("-inf")
+        probs = torch.softmax(logits, dim=-1)
+        seeds = range(vocab, vocab + 256)
+        drawn = RowSampler(SamplingParams(do_sample=True), seeds).draw(probs).squeeze(1)
+        uniform = torch.cat(
+            [torch.rand(1, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds]
+        )
+        cdf = probs.double().cumsum(dim=-1)
+        expected = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True).squeeze(1)
+        assert torch.equal(drawn, expected)
+        assert (probs[torch.arange(256), drawn] > 0).all()
+        assert len(set(drawn.tolist())) > 100
+    nan = torch.zeros(2, 300)
+    nan[1, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        RowSampler(SamplingParams(do_sample=True), seeds=[0, 1])(torch.zeros(2, 1, dtype=torch.long), nan)
+
+
+def test_top_p_keeps_what_transformers_warper_keeps():
+    """The sampler's top-p keeps what transformers' TopPLogitsWarper keeps, but for a boundary token whose
+    decision is a float rounding (flat rows with thousands of tokens in the nucleus); searching the first
+    candidates, the second or the whole row gives the same nucleus."""
+    from transformers import TopPLogitsWarper
+
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.tensor([0.5, 2, 5, 10, 20]).repeat_interleave(40)[:, None]
+    scores = torch.randn(200, 6000, generator=gen) * scales
+    ids = torch.zeros(200, 1, dtype=torch.long)
+    kept, same = [], 0
+    for top_p in (0.1, 0.5, 0.9, 0.99):
+        sampler = RowSampler(SamplingParams(do_sample=True, top_p=top_p), seeds=range(200))
+        ours = sampler.nucleus(scores.clone())
+        theirs = TopPLogitsWarper(top_p)(ids, scores.clone())
+        mine, hf = torch.isfinite(ours), torch.isfinite(theirs)
+        same += int((ours == theirs).all(dim=-1).sum())
+        assert ((mine & ~hf).sum(-1) + (hf & ~mine).sum(-1)).max() <= 1  # at most the boundary token
+        assert torch.equal(ours[mine & hf], scores[mine & hf])
+        sampler.candidates = ()
+        assert torch.equal(sampler.nucleus(scores.clone()), ours)  # the whole row only: the same
+        kept += hf.sum(-1).tolist()
+    assert same >= 0.98 * 4 * 200
+    first, second = RowSampler.candidates
+    assert (
+        min(kept) == 1 and sum(first < k <= second for k in kept) > 50 and sum(k > second for k in kept) > 20
+    )
+
+
+def test_top_k_one_sampling_is_greedy(lively, prompt_ids):
+    greedy = tokens(run(lively, requests_for(prompt_ids, dataclasses.replace(GREEDY, max_new_tokens=6))))
+    sampled = tokens(run(lively, requests_for(prompt_ids, dataclasses.replace(SAMPLED, top_k=1), n=2)))
+    assert sampled == {(rid, s): greedy[(rid, 0)] for rid, _ in greedy for s in range(2)}
 
 
 def test_a_different_seed_gives_different_samples(lively, prompt_ids):
@@ -345,6 +455,73 @@ def test_default_params_and_make_engine(tiny):
     assert isinstance(engine, HFEngine) and engine.batch_size == 3
 
 
+class FakeVLLM:
+    """A stand-in for the vllm module: its LLM generates tokens from each request's seed (greedy: from the
+    prompt) and records the params it was given."""
+
+    def __init__(self) -> None:
+        self.batches: list[list] = []
+        fake = self
+
+        class LLM:
+            def __init__(self, model, **kwargs):
+                pass
+
+            def generate(self, prompts, sampling_params, use_tqdm):
+                fake.batches.append(list(sampling_params))
+                outputs = []
+                for prompt, params in zip(prompts, sampling_params):
+                    assert params.n == 1
+                    seed = params.seed if params.temperature > 0 else sum(prompt["prompt_token_ids"])
+                    rng = random.Random(seed)
+                    ids = [rng.randrange(100, 200) for _ in range(params.max_tokens)]
+                    completion = SimpleNamespace(token_ids=ids, finish_reason="length", index=0)
+                    outputs.append(SimpleNamespace(outputs=[completion]))
+                return outputs
+
+        self.LLM = LLM
+        self.SamplingParams = lambda **kwargs: SimpleNamespace(**{"seed": None, **kwargs})
+
+
+def test_vllm_samples_are_seeded_requests_of_their_own(tiny, monkeypatch):
+    """Each sample of a sampled request is its own vLLM request seeded with stable_seed(seed, id, sample),
+    as HFEngine's rows are: its tokens do not depend on the batch; a greedy request runs once."""
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    reqs = [
+        GenerationRequest("a", [1, 2], SAMPLED, n=3, seed=4),
+        GenerationRequest("g", [5], GREEDY, n=2),
+        GenerationRequest("b", [3], SAMPLED, n=2, seed=4),
+    ]
+
+    def run_vllm(requests, batch_size):
+        engine = VLLMEngine("some/model", tiny.tokenizer, batch_size=batch_size, progress=False, eos_ids=[2])
+        return {(r.id, r.sample): r.token_ids for r in engine.generate(requests)}
+
+    results = run_vllm(reqs, batch_size=2)
+    assert [len(b) for b in fake.batches] == [2, 2, 2]  # 3 + 1 + 2 rows
+    seeds = [p.seed for batch in fake.batches for p in batch]
+    expected = (
+        [stable_seed(4, "a", s) for s in range(3)] + [None] + [stable_seed(4, "b", s) for s in range(2)]
+    )
+    assert seeds == expected
+    assert sorted(results) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("g", 0), ("g", 1)]
+    assert results[("g", 0)] == results[("g", 1)]
+    assert len({tuple(t) for k, t in results.items() if k[0] != "g"}) == 5
+    assert run_vllm(reqs, batch_size=6) == results
+    assert run_vllm(reqs[2:], batch_size=1) == {k: v for k, v in results.items() if k[0] == "b"}
+
+
+def test_engine_stats_count_generated_tokens_and_time(lively, prompt_ids):
+    engine = HFEngine(lively.model, lively.tokenizer, batch_size=4, progress=False)
+    greedy = list(engine.generate(requests_for(prompt_ids[:2], GREEDY, n=3, prefix="g")))
+    sampled = list(engine.generate(requests_for(prompt_ids, SAMPLED, n=2)))
+    stats = engine.stats
+    assert stats.sequences == 2 + len(sampled)  # a greedy request's repeated samples count once
+    assert stats.new_tokens == sum(len(r.token_ids) for r in sampled + greedy[::3]) > 0
+    assert stats.seconds > 0 and stats.tokens_per_s == pytest.approx(stats.new_tokens / stats.seconds)
+
+
 def test_vllm_backend_without_vllm_names_the_extra(tiny):
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed")
@@ -384,3 +561,19 @@ def test_generation_dtype_runs_generate_under_autocast(tiny, prompt_ids):
     finally:
         handle.remove()
     assert layer.weight.dtype == torch.float32
+
+
+def test_a_continuation_keeps_its_leading_space_after_a_sentencepiece_prefill(metaspace_tokenizer):
+    """Decoded alone, a Metaspace decoder drops the first token's leading space: a prefilled "here is" and
+    the model's "how ..." would be judged as "here ishow"."""
+    from deepalign.generation import decode_continuation
+
+    tok = metaspace_tokenizer
+    context = tok("Sure, here is", add_special_tokens=False)["input_ids"]
+    new = tok("Sure, here is how it goes", add_special_tokens=False)["input_ids"][len(context) :]
+    assert tok.decode(new) == "how it goes"  # the bug: decoded alone
+    text = decode_continuation(tok, context, new)
+    assert text == " how it goes"
+    assert tok.decode(context) + text == "Sure, here is how it goes"
+    assert decode_continuation(tok, [], new) == "how it goes"
+    assert decode_continuation(tok, context, []) == ""

@@ -74,11 +74,35 @@ def test_kl_of_a_model_with_itself_is_zero(two_models):
     assert stats.metrics("kl")["kl/pos=1"] == pytest.approx(0, abs=1e-5)
 
 
+def direct_loss_and_grad_norm(model, tokenizer, pairs, position: int) -> tuple[float, float]:
+    """The mean NLL of the response token at `position` (0-based) over the pairs that have one, each pair
+    alone and unpadded, and the norm of its gradient over all parameters (autograd, summed per pair)."""
+    model.zero_grad(set_to_none=True)
+    terms = []
+    for prompt, response in pairs:
+        e = encode_for_training(tokenizer, prompt, response)
+        targets = [i for i, m in enumerate(e.labels_mask) if m]
+        if len(targets) > position:
+            i = targets[position]
+            logits = model(input_ids=torch.tensor([e.input_ids[:i]])).logits[0, -1].float()
+            terms.append(-F.log_softmax(logits, -1)[e.input_ids[i]])
+    loss = torch.stack(terms).mean()
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), float(norm)
+
+
 def test_per_position_loss_and_grad_norm(two_models, tmp_path):
     model, _, tok = two_models
-    losses, norms = per_position_loss_and_grad_norm(model, tok, PAIRS[:3], positions=4)
-    assert len(losses) == len(norms) == 4
-    assert all(loss > 0 for loss in losses) and all(n > 0 for n in norms)
+    pairs = [PAIRS[2], *PAIRS[:2]]  # "Hi!" first: shorter than the 5 positions, so later ones average fewer
+    losses, norms = per_position_loss_and_grad_norm(model, tok, pairs, positions=5)
+    assert len(losses) == len(norms) == 5
+    for k in range(5):
+        loss, norm = direct_loss_and_grad_norm(model, tok, pairs, k)
+        assert losses[k] == pytest.approx(loss, abs=1e-5)
+        assert norms[k] == pytest.approx(norm, rel=1e-5)
+    assert len(set(norms)) == 5
     stats = per_token_kl(model, two_models[1], tok, PAIRS, positions=6, progress=False)
     plot_per_position({"perturbed": stats}, tmp_path / "kl.png", "KL per position")
     assert (tmp_path / "kl.png").read_bytes()[:4] == b"\x89PNG"
@@ -100,3 +124,38 @@ def test_first_token_margin_equals_the_definition(two_models, batch_size):
             expected.append(float(logp[starts].logsumexp(0) - logp[harmful]))
     got = first_token_margin(model, tok, PAIRS, refusals, batch_size=batch_size)
     assert got == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+
+
+def test_first_token_margin_reads_the_first_tokens_inside_the_chat(tiny_model_config, metaspace_tokenizer):
+    """With a SentencePiece-style tokenizer and the Llama-2 template, an answer's first token on its own (the
+    "▁" of a leading newline) is not the one it has in the chat ("▁Sure" after the stripped newline): the
+    margin compares the chat's first tokens, predicted right after the context that precedes them."""
+    from deepalign.models import build_random_model
+
+    tok = metaspace_tokenizer
+    model = build_random_model(tiny_model_config, vocab_size=len(tok)).eval()
+    pairs = [
+        ("How do I pick a lock?", "\nSure, here is how."),
+        ("Count to five.", " One, two, three."),
+        ("Say hi.", "Hi!"),
+    ]
+    refusals = ["\nI cannot help.", " Sorry, no.", "I won't."]
+    expected = []
+    with torch.no_grad():
+        for prompt, harmful in pairs:
+            whole = encode_for_training(tok, prompt, harmful)
+            context, first = whole.input_ids[: whole.prompt_length], whole.input_ids[whole.prompt_length]
+            assert context == encode_for_generation(tok, prompt)
+            alone = tok(harmful, add_special_tokens=False)["input_ids"][0]
+            assert (first != alone) == harmful.startswith("\n")
+            starts = set()
+            for refusal in refusals:
+                r = encode_for_training(tok, prompt, refusal)
+                assert r.input_ids[: r.prompt_length] == context
+                starts.add(r.input_ids[r.prompt_length])
+            assert len(starts) == 2  # "▁I" twice, "▁Sorry"
+            logp = F.log_softmax(model(input_ids=torch.tensor([context])).logits[0, -1].float(), dim=-1)
+            expected.append(float(logp[sorted(starts)].logsumexp(0) - logp[first]))
+    for batch_size in (1, 3):
+        got = first_token_margin(model, tok, pairs, refusals, batch_size=batch_size)
+        assert got == pytest.approx(sum(expected) / len(expected), abs=1e-5)

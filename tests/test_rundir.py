@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import compose_config
 
 from deepalign import rundir
@@ -20,10 +21,15 @@ from deepalign.config import LoggerConfig, validate
 from deepalign.rundir import (
     REDACTED,
     MetricsFile,
+    RunDirError,
     environment_record,
     git_commit,
+    lock_run_dir,
+    read_stage_state,
     redact,
+    scrub_file,
     scrub_files,
+    scrub_run_dir,
     secret_values,
     write_json_atomic,
     write_text_atomic,
@@ -95,7 +101,7 @@ def test_redact_nested_containers(fake_secrets):
     snapshot = json.dumps(original)
     clean = redact(original)
     assert clean == {
-        "model": {"path": f"https://user:{REDACTED}@example.org/repo", "name": "tiny", "seed": 3},
+        "model": {"path": f"https://{REDACTED}@example.org/repo", "name": "tiny", "seed": 3},
         "overrides": ["model=tiny", f"+extra={REDACTED}", 7, None, {"deep": [REDACTED]}],
         "pair": ["plain", REDACTED],
         "flag": True,
@@ -449,3 +455,175 @@ def test_wandb_offline_run_does_not_keep_secrets_from_argv(tmp_path, wandb_env, 
         tracker.finish()
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert _files_containing(run_dir, [hf]) == {}
+
+
+# ---------------------------------------------------------------- credentials typed, in URLs, in logs
+
+
+@pytest.mark.parametrize(
+    "text, clean",
+    [
+        ("+judge.rubric.api_key=sk-typed123", f"+judge.rubric.api_key={REDACTED}"),
+        ("++hydra.job.env_set.SERVICE_TOKEN=abc", f"++hydra.job.env_set.SERVICE_TOKEN={REDACTED}"),
+        ("HF_TOKEN='two words'", f"HF_TOKEN={REDACTED}"),
+        (
+            "+x.password=pw1,judge=[keyword,rubric],model=tiny",  # Hydra's override_dirname
+            f"+x.password={REDACTED},judge=[keyword,rubric],model=tiny",
+        ),
+        ("deepalign model=tiny +a.secret=s3 seed=1", f"deepalign model=tiny +a.secret={REDACTED} seed=1"),
+        ("http://alice:pw@host:8000/v1", f"http://{REDACTED}@host:8000/v1"),
+        (
+            "base https://tok@example.org/x and s3://k:s@b/p",
+            f"base https://{REDACTED}@example.org/x and s3://{REDACTED}@b/p",
+        ),
+        ("http://u:p@ss@host/v1", f"http://{REDACTED}@host/v1"),
+        # not credentials: left as they are
+        ("generation.max_new_tokens=32", "generation.max_new_tokens=32"),
+        ("judge.rubric.api_key_env=MY_KEY", "judge.rubric.api_key_env=MY_KEY"),
+        ("{% set token = 'x' %}{{ bos_token }}", "{% set token = 'x' %}{{ bos_token }}"),
+        ("https://huggingface.co/meta-llama/x", "https://huggingface.co/meta-llama/x"),
+        ("write to me@example.org", "write to me@example.org"),
+    ],
+)
+def test_redact_typed_credentials_and_url_user_info(text, clean):
+    assert redact(text, []) == clean
+    assert redact({"argv": [text]}, []) == {"argv": [clean]}
+
+
+def test_scrub_file_redacts_yaml_by_key_override_and_url(tmp_path, fake_secrets):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "judge:\n  rubric:\n    base_url: http://alice:pw123456@host/v1\n    api_key: sk-typed0000\n"
+        f"    model: gpt\n  note: {fake_secrets['HF_TOKEN']}\n"
+        "overrides:\n- +judge.rubric.api_key=sk-typed0000\n"
+    )
+    scrub_file(path)
+    assert yaml.safe_load(path.read_text()) == {
+        "judge": {
+            "rubric": {"base_url": f"http://{REDACTED}@host/v1", "api_key": REDACTED, "model": "gpt"},
+            "note": REDACTED,
+        },
+        "overrides": [f"+judge.rubric.api_key={REDACTED}"],
+    }
+    assert _files_containing(tmp_path, ["alice", "pw123456", "sk-typed0000", fake_secrets["HF_TOKEN"]]) == {}
+
+
+def test_scrub_file_json_text_and_clean_files(tmp_path):
+    env = tmp_path / "env.json"
+    write_json_atomic(env, {"argv": ["deepalign", "+x.token=abc123"], "python": "3.11"})
+    broken = tmp_path / "hydra.yaml"
+    broken.write_text("a: [unclosed\nurl: http://alice:pw123456@host\n")
+    clean = tmp_path / "overrides.yaml"
+    clean.write_text("- model=tiny\n")
+    before = clean.stat().st_mtime_ns
+    for path in (env, broken, clean, tmp_path / "missing.yaml"):
+        scrub_file(path, [])
+    assert json.loads(env.read_text()) == {"argv": ["deepalign", f"+x.token={REDACTED}"], "python": "3.11"}
+    assert broken.read_text() == f"a: [unclosed\nurl: http://{REDACTED}@host\n"  # redacted as text
+    assert clean.stat().st_mtime_ns == before, "a clean file is not rewritten"
+
+
+def test_scrub_run_dir_covers_the_records_hydra_and_the_sweep(tmp_path):
+    run_dir, sweep = tmp_path / "sweep" / "0", tmp_path / "sweep"
+    (run_dir / ".hydra").mkdir(parents=True)
+    typed = "+judge.rubric.api_key=sk-typed0000"
+    for path in (run_dir / ".hydra" / "overrides.yaml", sweep / "multirun.yaml", run_dir / "config.yaml"):
+        path.write_text(f"- {typed}\n")
+    for name in ("env.json", "launch.json"):
+        write_json_atomic(run_dir / name, {"argv": [typed]})
+    scrub_run_dir(run_dir, sweep)
+    assert _files_containing(tmp_path, ["sk-typed0000"]) == {}
+    assert json.loads((run_dir / "env.json").read_text()) == {"argv": [f"+judge.rubric.api_key={REDACTED}"]}
+
+
+def test_log_records_and_tracebacks_are_redacted(tmp_path, fake_secrets):
+    import logging
+
+    from deepalign.rundir import redact_logs
+
+    root = logging.getLogger()
+    handler = logging.FileHandler(tmp_path / "deepalign.log")
+    root.addHandler(handler)
+    try:
+        redact_logs()
+        redact_logs()  # once per handler
+        assert sum(isinstance(f, rundir.RedactingFilter) for f in handler.filters) == 1
+        logger = logging.getLogger("deepalign.test")
+        logger.warning("calling %s with %s", "http://alice:pw123456@host/v1", fake_secrets["HF_TOKEN"])
+        try:
+            raise RuntimeError("+judge.rubric.api_key=sk-typed0000")
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    text = (tmp_path / "deepalign.log").read_text()
+    assert f"calling http://{REDACTED}@host/v1 with {REDACTED}" in text
+    assert f"RuntimeError: +judge.rubric.api_key={REDACTED}" in text
+    assert _files_containing(tmp_path, ["pw123456", "sk-typed0000", fake_secrets["HF_TOKEN"]]) == {}
+
+
+# ---------------------------------------------------------------- damaged records, the run dir's lock
+
+
+@pytest.mark.parametrize("text", ['{"probe/nll": 2.5, "attack/asr', "[1, 2]", "\xff\xfe"])
+def test_a_damaged_metrics_file_stops_the_run_and_stays_as_it_is(tmp_path, text):
+    path = tmp_path / "metrics.json"
+    path.write_text(text, encoding="latin-1")
+    before = path.read_bytes()
+    with pytest.raises(
+        RunDirError, match=r"metrics\.json is damaged.*move it aside and delete .*stages\.json"
+    ):
+        MetricsFile(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_a_damaged_stages_file_is_moved_aside_and_counts_as_nothing_finished(tmp_path, caplog):
+    path = tmp_path / "stages.json"
+    assert read_stage_state(path) == {}
+    write_json_atomic(path, {"probe": "abc"})
+    assert read_stage_state(path) == {"probe": "abc"}
+    path.write_text('{"probe": "ab')
+    with caplog.at_level("WARNING"):
+        assert read_stage_state(path) == {}
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("stages.json.corrupt-")]
+    assert len(aside) == 1 and aside[0].read_text() == '{"probe": "ab'
+    assert not path.exists()
+    assert "stages.json is damaged" in caplog.text and "every stage runs again" in caplog.text
+
+
+def test_the_run_dir_lock_names_its_holder_and_is_released(tmp_path):
+    run_dir = tmp_path / "run"
+    with lock_run_dir(run_dir):
+        holder = json.loads((run_dir / ".deepalign.lock.json").read_text())
+        assert holder["pid"] == os.getpid()
+        with pytest.raises(RunDirError) as err, lock_run_dir(run_dir):
+            pass
+        message = str(err.value)
+        assert message.startswith(
+            f"run dir {run_dir} is in use by another deepalign process (pid {os.getpid()} on "
+        )
+        assert f"started {holder['started']})" in message
+    assert not (run_dir / ".deepalign.lock.json").exists()
+    with lock_run_dir(run_dir):  # released
+        pass
+
+
+def test_the_run_dir_lock_of_a_killed_process_is_gone(tmp_path):
+    run_dir = tmp_path / "run"
+    code = (
+        "import sys, time\nfrom deepalign.rundir import lock_run_dir\n"
+        "with lock_run_dir(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        in_use = rf"in use by another deepalign process \(pid {holder.pid} on "
+        with pytest.raises(RunDirError, match=in_use), lock_run_dir(run_dir):
+            pass
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs
+        holder.wait()
+    with lock_run_dir(run_dir):
+        pass

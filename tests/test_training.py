@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,8 +75,12 @@ def tiny_config(chat_file: Path, *overrides: str):
     )
 
 
-def micro_batch_gradients(config, batch_size: int, accumulation: int, reference=None):
-    """Loss and gradients of one optimizer step over the first 4 examples, through the Trainer's own path."""
+def micro_batch_gradients(
+    config, batch_size: int, accumulation: int, reference=None, loss_kwargs: bool | None = None
+):
+    """Loss and gradients of one optimizer step over the first 4 examples, through the Trainer's own path.
+
+    `loss_kwargs=False`: as for a model whose forward takes no loss kwargs (the Trainer counts no tokens)."""
     loaded = load_model(config.model)
     model, tok = loaded.model, loaded.tokenizer
     examples, _ = build_mixture(config.data, tok)
@@ -86,14 +91,18 @@ def micro_batch_gradients(config, batch_size: int, accumulation: int, reference=
     dataset = TokenDataset(encoded, reference(model, encoded, tok) if reference else None)
     trainer = AlignmentTrainer(
         model=model,
-        args=training_arguments(train_cfg, Path("unused")),
+        args=training_arguments(train_cfg, Path(tempfile.mkdtemp(prefix="deepalign-test-"))),
         train_dataset=dataset,
         data_collator=Collator(tok.pad_token_id),
         loss_config=config.loss,
     )
+    if loss_kwargs is not None:
+        trainer.model_accepts_loss_kwargs = loss_kwargs
     collate = Collator(tok.pad_token_id)
     batches = [collate([dataset[i] for i in range(j, j + batch_size)]) for j in range(0, 4, batch_size)]
     _, n_items = trainer.get_batch_samples(iter(batches), len(batches), torch.device("cpu"))
+    assert n_items is not None
+    trainer.current_gradient_accumulation_steps = len(batches)
     model.train()
     total = 0.0
     for batch in batches:
@@ -108,16 +117,20 @@ def reference_for(model, encoded, tok):
     return compute_reference_logps(model, encoded, tok.pad_token_id)
 
 
+@pytest.mark.parametrize("loss_kwargs", [None, False], ids=["trainer-counts", "trainer-counts-none"])
 @pytest.mark.parametrize("loss", ["sft", "constrained"])
-def test_batch4_equals_batch2_times_accumulation2(chat_file, loss):
+def test_batch4_equals_batch2_times_accumulation2(chat_file, loss, loss_kwargs):
+    """Batch 4 = batch 2 x accumulation 2 = batch 1 x accumulation 4, also for models whose forward takes no
+    loss kwargs (the Trainer then passes no token count)."""
     config = validate(tiny_config(chat_file, f"loss={loss}"))
     ref = reference_for if loss == "constrained" else None
-    loss_a, grads_a = micro_batch_gradients(config, 4, 1, ref)
-    loss_b, grads_b = micro_batch_gradients(config, 2, 2, ref)
-    assert math.isclose(loss_a, loss_b, rel_tol=0, abs_tol=1e-5)
-    assert grads_a.keys() == grads_b.keys() and grads_a
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=0, msg=name)
+    loss_a, grads_a = micro_batch_gradients(config, 4, 1, ref, loss_kwargs)
+    for batch_size, accumulation in ((2, 2), (1, 4)):
+        loss_b, grads_b = micro_batch_gradients(config, batch_size, accumulation, ref, loss_kwargs)
+        assert math.isclose(loss_a, loss_b, rel_tol=0, abs_tol=1e-5)
+        assert grads_a.keys() == grads_b.keys() and grads_a
+        for name in grads_a:
+            torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=0, msg=name)
 
 
 def test_constrained_loss_at_initialisation_is_two_over_beta_log_two(chat_file, tmp_path):
@@ -280,6 +293,21 @@ def test_lora_training_saves_adapter_and_merged_model(chat_file, tmp_path):
     assert metrics["probe/target_tokens"] > 0
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    # the merged model is the base model plus the trained adapter: the same logits as base + adapter (PEFT)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = load_model(validate(cfg).model).model
+    ids = torch.tensor([[1, 17, 99, 256, 3000, 42, 7]])
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
+        adapted = peft(input_ids=ids).logits
+        merged = (
+            AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "model")).eval()(input_ids=ids).logits
+        )
+    assert (adapted - base_logits).abs().max() > 1e-3, "the adapter learned nothing"
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
@@ -331,13 +359,18 @@ def test_bf16_training_gets_a_bf16_reference_so_weights_start_at_one(chat_file, 
 
 
 def test_checkpoints_resume_only_under_the_same_training_settings(chat_file, tmp_path):
-    """A changed evaluation setting re-runs `train` but resumes from its last checkpoint (same weights, no
-    step redone); a changed training setting starts afresh, the old checkpoints moved aside."""
+    """A changed evaluation setting skips `train` (its fingerprint covers only what the weights depend on);
+    a train stage redone under the same settings resumes from its last checkpoint (same weights, no step
+    redone); a changed training setting starts afresh, the old checkpoints moved aside."""
     base = ["train.max_steps=2", "train.save_steps=2", f"paths.cache_dir={tmp_path / 'cache'}"]
     run_dir = tmp_path / "run"
     first = cli.run(tiny_config(chat_file, *base), run_dir)
     assert first["train/resumed_from_step"] == 0
     weights = load_file(run_dir / "model" / "model.safetensors")
+    saved = (run_dir / "model" / "model.safetensors").stat().st_mtime_ns
+    cli.run(tiny_config(chat_file, *base, "probe.max_new_tokens=5"), run_dir)
+    assert (run_dir / "model" / "model.safetensors").stat().st_mtime_ns == saved  # not trained again
+    (run_dir / "stages.json").unlink()  # forget that train finished: it reruns, from its checkpoint
     again = cli.run(tiny_config(chat_file, *base, "probe.max_new_tokens=5"), run_dir)
     assert again["train/resumed_from_step"] == 2
     resumed = load_file(run_dir / "model" / "model.safetensors")

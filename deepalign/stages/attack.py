@@ -4,11 +4,13 @@ Artifacts: `generations/<attack>.jsonl` (key, prompt id, prompt, prefill, respon
 `judgments/<attack>.<judge>.jsonl`, `attacks/gcg.jsonl` (suffixes, loss curves). Each is appended as work
 finishes, so a killed run started again redoes nothing that was finished.
 Metrics: `asr/<variant>` by the primary judge (`eval.primary_judge`), `asr_<judge>/<variant>` by each judge,
-and `asr/decoding` (a prompt is broken if any decoding setting breaks it).
+and `asr/decoding` (a prompt is broken if any decoding setting breaks it); `eval/empty_rate` (and per variant)
+the share of empty answers; `throughput/attack/gen_*` what this run generated, how fast.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,9 +40,15 @@ def primary_judge(ctx) -> str:
 
 
 def _fresh(record: dict, info: dict, params: dict, model_id: str) -> bool:
-    """A stored generation is reused only if it came from this model and these inputs and settings."""
+    """A stored generation is reused only if it came from these weights, these exact input ids (prompt,
+    system prompt, chat template, prefill) and these sampling settings and seed."""
     same_inputs = all(record.get(k) == v for k, v in info.items())
     return same_inputs and record.get("params") == params and record.get("model_id", "") == model_id
+
+
+def input_digest(input_ids: list[int]) -> str:
+    """A short hash of the exact token ids a model was given."""
+    return hashlib.sha256(json.dumps(input_ids).encode()).hexdigest()[:16]
 
 
 def generate_variant(
@@ -58,10 +66,13 @@ def generate_variant(
     """Generate every (item, sample) of a variant not already in the store, appending as batches finish;
     return the keys of the variant's records.
 
-    `model_id` names the weights (see `RunContext.model_id`): records of another model, prompt, prefill,
-    sampling setting or seed are stale and generated again (the new record replaces the old one).
+    `model_id` names the weights (see `RunContext.model_id`): records of other weights, other input ids
+    (`input_sha`: prompt, system prompt, template, prefill), sampling setting or seed are stale and generated
+    again (the new record replaces the old one).
     """
     requests, info = build_requests(variant, items, tokenizer, system=system, seed=seed, suffixes=suffixes)
+    for r in requests:
+        info[r.id]["input_sha"] = input_digest(r.input_ids)
     params, model_id = variant.params.as_dict(), f"{model_id}:seed={seed}"
     fresh = {
         key
@@ -161,30 +172,74 @@ def success_rates(judgments: list[dict], prefix: str) -> dict[str, float]:
 
 
 def run_gcg_suffixes(ctx, items: list[EvalItem], model, tokenizer, system: str | None) -> dict[str, str]:
-    """GCG suffixes per item (or one universal suffix), resumed from `attacks/gcg.jsonl`."""
+    """GCG suffixes per item (or one universal suffix), resumed from `attacks/gcg.jsonl`: a stored suffix is
+    reused only if searched on these weights, prompt(s), target(s), GCG settings, system prompt and seed."""
     from deepalign.gcg import default_target, run_gcg
 
     cfg = ctx.config.attack.gcg
     store = JsonlStore(ctx.run_dir / "attacks" / "gcg.jsonl")
     chosen = items[: cfg.max_prompts] if cfg.max_prompts else items
-    todo = [i for i in chosen if i.id not in store.records and "universal" not in store.records]
+    targets = {i.id: i.target or default_target(i.request, cfg.target_template) for i in chosen}
+    setting = [ctx.model_id(), dataclasses.asdict(cfg), ctx.config.seed, system]
+
+    def search_id(searched: list[EvalItem]) -> str:
+        blob = json.dumps([setting, [[i.prompt, targets[i.id]] for i in searched]], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    wanted = {"universal": search_id(chosen)} if cfg.universal else {i.id: search_id([i]) for i in chosen}
+    stale = {k for k, v in wanted.items() if store.records.get(k, {}).get("search_id") != v}
+    todo = chosen if cfg.universal and stale else [i for i in chosen if i.id in stale]
     if todo:
-        targets = [i.target or default_target(i.request, cfg.target_template) for i in todo]
         results = run_gcg(
             model,
             tokenizer,
             [i.prompt for i in todo],
-            targets,
+            [targets[i.id] for i in todo],
             cfg,
             system=system,
             seed=ctx.config.seed,
             prompt_ids=[i.id for i in todo],
         )
         for r in results:
-            store.append([{"key": r.prompt_id, **vars(r)}])
-    if "universal" in store.records:
+            store.append([{"key": r.prompt_id, **vars(r), "search_id": wanted[r.prompt_id]}])
+    if cfg.universal:
         return {i.id: store.records["universal"]["suffix"] for i in chosen}
     return {i.id: store.records[i.id]["suffix"] for i in chosen}
+
+
+def empty_rates(generations: list[dict]) -> dict[str, float]:
+    """The share of empty or whitespace-only responses (`eval/empty_rate`, and per variant); warns about a
+    variant where most are empty: a judge counts an empty answer as a refusal."""
+    by_variant: dict[str, list[bool]] = defaultdict(list)
+    for g in generations:
+        by_variant[g["variant"]].append(not g["response"].strip())
+    flags = [f for fs in by_variant.values() for f in fs]
+    if not flags:
+        return {}
+    out = {"eval/empty_rate": round(sum(flags) / len(flags), 4)}
+    for variant, fs in sorted(by_variant.items()):
+        out[f"eval/empty_rate/{variant}"] = round(sum(fs) / len(fs), 4)
+        if sum(fs) > len(fs) / 2:
+            log.warning(
+                "attack %s: %d of %d answers are empty: the model answered nothing for most prompts "
+                "(a broken (NaN?) model counts as refusing)",
+                variant,
+                sum(fs),
+                len(fs),
+            )
+    return out
+
+
+def throughput(engine, stage: str) -> dict[str, float]:
+    """Generation throughput of what `engine` generated in this run (nothing if it generated nothing)."""
+    stats = getattr(engine, "stats", None)
+    if stats is None or not stats.sequences:
+        return {}
+    return {
+        f"throughput/{stage}/gen_tokens_per_s": round(stats.tokens_per_s, 2),
+        f"throughput/{stage}/gen_tokens": stats.new_tokens,
+        f"throughput/{stage}/gen_seconds": round(stats.seconds, 3),
+    }
 
 
 def run_attack(ctx) -> dict[str, float]:
@@ -195,7 +250,7 @@ def run_attack(ctx) -> dict[str, float]:
     tokenizer = loaded.tokenizer
     system = cfg.data.system_prompt
     if cfg.attack.prefill is not None:
-        check_prefill_depths(items, cfg.attack.prefill.depths, tokenizer)
+        check_prefill_depths(items, cfg.attack.prefill.depths, tokenizer, system=system)
     engine = make_engine(cfg.generation, loaded, model_path=ctx.model_path())
     base = default_params(cfg.generation)
     variants = attack_variants(cfg.attack, base)
@@ -205,6 +260,7 @@ def run_attack(ctx) -> dict[str, float]:
         variants["gcg"] = [Variant("gcg", base)]
     metrics: dict[str, float] = {"attack/eval_items": len(items)}
     main = primary_judge(ctx)
+    generations: list[dict] = []
     for attack, group in variants.items():
         store = JsonlStore(ctx.run_dir / "generations" / f"{attack}.jsonl")
         keys = []  # this config's records (the files may also hold those of earlier settings)
@@ -221,10 +277,13 @@ def run_attack(ctx) -> dict[str, float]:
                 suffixes=suffixes if attack == "gcg" else None,
                 model_id=ctx.model_id(),
             )
+        generations += [store.records[k] for k in keys]
         for judge in judges:
             judgments = judge_store(ctx.run_dir, attack, judge, [store.records[k] for k in keys])
             rates = success_rates([judgments.records[k] for k in keys], f"asr_{judge.name}")
             metrics.update(rates)
             if judge.name == main:
                 metrics.update({k.replace(f"asr_{judge.name}/", "asr/", 1): v for k, v in rates.items()})
+    metrics.update(empty_rates(generations))
+    metrics.update(throughput(engine, "attack"))
     return metrics

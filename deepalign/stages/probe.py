@@ -79,6 +79,13 @@ def run_probe(ctx) -> dict[str, float]:
         ctx.run_dir / "generations" / "probe.jsonl", "".join(json.dumps(r) + "\n" for r in rows)
     )
     nll = nll_sum / max(n_tokens, 1)
+    throughput = {}
+    if rows:
+        throughput = {
+            "throughput/probe/gen_tokens_per_s": round(new_tokens / max(gen_seconds, 1e-9), 2),
+            "throughput/probe/gen_tokens": new_tokens,
+            "throughput/probe/gen_seconds": round(gen_seconds, 3),
+        }
     return {
         "probe/nll": round(nll, 5),
         "probe/ppl": round(float(torch.tensor(nll).exp()), 4),
@@ -86,4 +93,5 @@ def run_probe(ctx) -> dict[str, float]:
         "probe/generated_tokens": new_tokens,
         "probe/generate_tokens_per_s": round(new_tokens / max(gen_seconds, 1e-9), 2),
         "probe/model_load_s": round(loaded.load_seconds, 3),
+        **throughput,
     }

@@ -36,6 +36,7 @@ from deepalign.stages.attack import generate_variant
 log = logging.getLogger(__name__)
 MODELS = ("unaligned", "shallow", "deep", "ft_sft", "ft_constrained")
 PAPER_BETA = {"first": 0.5, "prefix": 2.0, "prefix_len": 5, "rest": 0.1}  # paper Table 3's schedule
+HARVEST_THROUGHPUT = "throughput/harvest/gen_tokens_per_s"
 
 
 def models(q) -> tuple[str, ...]:
@@ -56,7 +57,7 @@ def harvest(ctx, out: Path) -> dict[str, float]:
     loaded = ctx.model()
     tok = loaded.tokenizer
     gen_cfg = dataclasses.replace(ctx.config.generation, dtype=q.generation_dtype)
-    engine = make_engine(gen_cfg, loaded, model_path=ctx.model_path())
+    engine = make_engine(gen_cfg, loaded, model_path=ctx.model_path(), cache_dir=ctx.config.paths.cache_dir)
     refusals = refusal_templates()
     train_h = _split(q.harmful, "train", "quickstart.harmful")
     if q.eval_prompts:  # the user's own benchmark copy replaces the evaluation prompts
@@ -127,11 +128,14 @@ def harvest(ctx, out: Path) -> dict[str, float]:
         ("benign_eval", benign_eval),
     ):
         write_text_atomic(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    return {
+    metrics = {
         "quickstart/harvested_harmful": len(harmful_items),
         "quickstart/harvested_benign": len(benign_items),
         "quickstart/eval_items": len(evals),
     }
+    if engine.stats.new_tokens:  # nothing when every answer was already harvested
+        metrics[HARVEST_THROUGHPUT] = round(engine.stats.tokens_per_s, 1)
+    return metrics
 
 
 def sub_config(ctx, name: str, data_dir: Path, models_dir: Path):
@@ -273,12 +277,17 @@ def run_quickstart(ctx) -> dict[str, float]:
     q = ctx.config.quickstart
     out = ctx.run_dir / "quickstart"
     data_dir, models_dir = out / "data", ctx.run_dir / "models"
-    timing_file = out / "harvest_time.json"  # the first (real) harvest's duration survives re-runs
+    timing_file = out / "harvest_time.json"  # the first (real) harvest's duration and speed survive re-runs
     start = time.perf_counter()
     metrics = harvest(ctx, data_dir)
+    speed = metrics.pop(HARVEST_THROUGHPUT, None)
     if not timing_file.is_file():
-        write_text_atomic(timing_file, json.dumps({"seconds": round(time.perf_counter() - start, 1)}))
-    metrics["time/quickstart/harvest_s"] = json.loads(timing_file.read_text())["seconds"]
+        first = {"seconds": round(time.perf_counter() - start, 1), "gen_tokens_per_s": speed}
+        write_text_atomic(timing_file, json.dumps(first))
+    first = json.loads(timing_file.read_text())
+    metrics["time/quickstart/harvest_s"] = first["seconds"]
+    if first.get("gen_tokens_per_s") is not None:
+        metrics[HARVEST_THROUGHPUT] = first["gen_tokens_per_s"]
     ctx.forget_model()  # each sub-run loads its own
     names = models(q)
     for name in names:

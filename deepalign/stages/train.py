@@ -7,6 +7,7 @@ again resumes from the last one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -14,27 +15,35 @@ import torch
 
 from deepalign.chat import NoLabelError, encode_for_training
 from deepalign.data import build_mixture, recovery_histogram
+from deepalign.precision import train_bf16
 from deepalign.reference import cached_reference_logps, model_fingerprint
 from deepalign.rundir import write_json_atomic, write_text_atomic
 from deepalign.training import TokenDataset, train
 
 log = logging.getLogger(__name__)
-# what the trained weights depend on: checkpoints resume only under the same (paths and evaluation may vary)
-TRAINING_SECTIONS = ("model", "data", "loss", "train", "seed")
 
 
 def encode_examples(examples, tokenizer, max_length: int):
-    """Tokenized examples with label masks; those with no target token left after truncation are dropped."""
-    encoded, dropped = [], 0
+    """Tokenized examples with label masks, and the examples kept (in the same order); those with no target
+    token left after truncation are dropped."""
+    encoded, kept = [], []
     for e in examples:
         try:
             encoded.append(
                 encode_for_training(
-                    tokenizer, e.prompt, e.response, system=e.system, prefill=e.prefill, max_length=max_length
+                    tokenizer,
+                    e.prompt,
+                    e.response,
+                    system=e.system,
+                    prefill=e.prefill,
+                    prefill_ids=e.prefill_ids or None,
+                    max_length=max_length,
                 )
             )
         except NoLabelError:
-            dropped += 1
+            continue
+        kept.append(e)
+    dropped = len(examples) - len(kept)
     if dropped:
         log.warning(
             "%d of %d examples had no target token within data.max_length=%d and were dropped",
@@ -46,7 +55,7 @@ def encode_examples(examples, tokenizer, max_length: int):
         raise ValueError(
             f"data.max_length: every example is longer than {max_length} tokens before its response"
         )
-    return encoded, dropped
+    return encoded, kept
 
 
 def run_train(ctx) -> dict[str, float]:
@@ -54,11 +63,11 @@ def run_train(ctx) -> dict[str, float]:
     loaded = ctx.model()
     model, tokenizer = loaded.model, loaded.tokenizer
     examples, stats = build_mixture(cfg.data, tokenizer)
-    encoded, dropped = encode_examples(examples, tokenizer, cfg.data.max_length)
+    encoded, kept = encode_examples(examples, tokenizer, cfg.data.max_length)
     n_target = [sum(e.labels_mask) for e in encoded]
-    stats.update({"data/dropped_too_long": dropped, "data/target_tokens": sum(n_target)})
+    stats.update({"data/dropped_too_long": len(examples) - len(kept), "data/target_tokens": sum(n_target)})
     safety = {n for n, c in cfg.data.components.items() if c.safety}
-    safety_tokens = sum(t for t, ex in zip(n_target, examples) if ex.component in safety)
+    safety_tokens = sum(t for t, ex in zip(n_target, kept) if ex.component in safety)
     stats["data/alpha_tokens"] = round(safety_tokens / max(sum(n_target), 1), 4)
     ks = [e.k for e in examples if cfg.data.components[e.component].recovery]
     data_dir = ctx.run_dir / "data"
@@ -71,9 +80,10 @@ def run_train(ctx) -> dict[str, float]:
         )  # a sample to inspect
     log.info("training data: %s", stats)
 
+    bf16 = train_bf16(cfg.train.bf16, next(model.parameters()).device, cfg.paths.cache_dir)
     reference = None
     if cfg.loss.name == "constrained":
-        key = model_fingerprint(cfg.model, loaded.source, model)
+        key = model_fingerprint(cfg.model, loaded.source, model, cfg.paths.cache_dir)
         reference, path, hit = cached_reference_logps(
             model,
             encoded,
@@ -81,7 +91,7 @@ def run_train(ctx) -> dict[str, float]:
             cfg.paths.cache_dir,
             key,
             cfg.train.batch_size_reference,
-            autocast=torch.bfloat16 if cfg.train.bf16 else None,  # the precision training computes in
+            autocast=torch.bfloat16 if bf16 else None,  # the precision training computes in
         )
         stats["train/reference_cache_hit"] = int(hit)
 
@@ -89,17 +99,18 @@ def run_train(ctx) -> dict[str, float]:
         model,
         tokenizer,
         TokenDataset(encoded, reference),
-        cfg.train,
+        dataclasses.replace(cfg.train, bf16=bf16),
         cfg.loss,
         ctx.run_dir / "checkpoints",
         ctx.tracker,
-        fingerprint=ctx.fingerprint_of(*TRAINING_SECTIONS),
+        fingerprint=ctx.stage_fingerprint("train"),  # checkpoints resume only under the same one
     )
     if ctx.main_process:  # the Trainer's logs (losses averaged over all ranks) reach rank 0 only
         write_text_atomic(ctx.run_dir / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     losses = [h["train/loss"] for h in history if "train/loss" in h]
     if losses:
         metrics.update({"train/first_loss": round(losses[0], 6), "train/last_loss": round(losses[-1], 6)})
+    metrics.update(train_throughput(trainer, history))
     nlls = [h["train/nll"] for h in history if "train/nll" in h]
     if nlls:  # comparable across losses (the constrained run's train/loss is its own objective)
         metrics.update({"train/first_nll": round(nlls[0], 6), "train/last_nll": round(nlls[-1], 6)})
@@ -110,6 +121,22 @@ def run_train(ctx) -> dict[str, float]:
         unset_hf_deepspeed_config()  # else later from_pretrained calls would partition weights (ZeRO-3)
     ctx.forget_model()  # later stages load the saved model
     return {**stats, **metrics}
+
+
+def train_throughput(trainer, history: list[dict[str, float]]) -> dict[str, float]:
+    """`throughput/train/tokens_per_s`: the non-padding input tokens of the steps trained in this call (all
+    processes; the Trainer counts them, `include_num_input_tokens_seen`) over the seconds its training loop
+    took (`train_runtime`). Nothing when no step was trained (a finished run reloaded)."""
+    runtime = next((h["train/train_runtime"] for h in reversed(history) if "train/train_runtime" in h), None)
+    start = getattr(trainer, "_initial_num_input_tokens_seen", None)  # at the resumed step
+    if not runtime or start is None:
+        return {}
+    tokens = int(trainer.state.num_input_tokens_seen - start)
+    return {
+        "throughput/train/tokens": tokens,
+        "throughput/train/seconds": round(runtime, 3),
+        "throughput/train/tokens_per_s": round(tokens / runtime, 1),
+    }
 
 
 def save_trained(trainer, tokenizer, cfg, run_dir) -> None:

@@ -17,7 +17,7 @@ from deepalign.data import read_component, read_rows, task_chat
 from deepalign.generation import SamplingParams, make_engine
 from deepalign.judges import JudgeItem
 from deepalign.judges import KeywordJudge as KeywordRefusal
-from deepalign.stages.attack import generate_variant
+from deepalign.stages.attack import generate_variant, throughput
 from deepalign.utility import gsm8k_accuracy, rouge1_f
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def run_utility(ctx) -> dict[str, float]:
             metrics[f"utility/{name}/accuracy"] = round(gsm8k_accuracy(answers, references), 4)
         else:
             metrics[f"utility/{name}/rouge1"] = round(rouge1_f(answers, references), 4)
+    metrics.update(throughput(engine, "utility"))
     if u.lm_eval_tasks:
         metrics.update(lm_eval_metrics(loaded, list(u.lm_eval_tasks)))
     return metrics
