@@ -182,7 +182,9 @@ def eos_token_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return ids
 
 
-def decode_continuation(tokenizer: PreTrainedTokenizerBase, context: Sequence[int], tokens: Sequence[int]) -> str:
+def decode_continuation(
+    tokenizer: PreTrainedTokenizerBase, context: Sequence[int], tokens: Sequence[int]
+) -> str:
     """The text `tokens` add after `context`: decoded after the context's last token, whose own text is then
     removed. Decoded alone, a SentencePiece-style (Metaspace) decoder drops the first new token's leading
     space, and a prefilled "... here is" would read "here ishow" to the judges."""
