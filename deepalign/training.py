@@ -44,6 +44,10 @@ CHECKPOINTING_ARG = (
     else "gradient_checkpointing"
 )
 
+# Releases before `Trainer.loss_is_scaled_for_ga` (5.0) divide the loss by the accumulation steps whenever the
+# model's forward takes no loss kwargs; ours is already normalised over the whole optimizer step.
+TRAINER_DIVIDES_BY_GA = "loss_is_scaled_for_ga" not in vars(Trainer)
+
 
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or gradient: the run stops instead of saving NaN weights."""
@@ -159,6 +163,8 @@ class AlignmentTrainer(Trainer):
                 self.position_weights[pos].append(w)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        if TRAINER_DIVIDES_BY_GA and model.training and not self.model_accepts_loss_kwargs:
+            loss = loss * self.current_gradient_accumulation_steps  # undone by that release's division
         if model.training and not torch.isfinite(loss.detach()):
             raise NonFiniteError(
                 f"training: the loss is {float(loss.detach())} at step {self.state.global_step + 1}; lower "

@@ -681,7 +681,9 @@ def test_recovery_context_holds_exactly_the_first_k_harmful_tokens_of_the_chat(r
         assert enc.input_ids[enc.prompt_length : first] == expected, e.prefill
         assert enc.input_ids[: enc.prompt_length] == whole.input_ids[: whole.prompt_length]
         labelled = [i for i, m in zip(enc.input_ids, enc.labels_mask) if m]
-        assert tok.decode(labelled).lstrip().startswith(REFUSAL) and labelled[-1] == tok.eos_token_id
+        # the labels end with the template's end-of-turn token (ChatML's <|im_end|>, Llama-2's </s>; which
+        # id a GGUF-converted tokenizer calls its EOS differs between transformers releases)
+        assert tok.decode(labelled).lstrip().startswith(REFUSAL) and labelled[-1] in tok.all_special_ids
         text_only = encode_for_training(tok, e.prompt, e.response, prefill=e.prefill)
         merged += text_only.input_ids[text_only.prompt_length : text_only.labels_mask.index(True)] != expected
         drawn.setdefault(e.prompt, set()).add(e.k)

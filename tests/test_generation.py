@@ -107,6 +107,7 @@ def test_greedy_matches_a_direct_generate_call(lively, prompt_ids):
         with torch.no_grad():
             out = model.generate(
                 input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),  # 5.0 infers one from the pad id
                 max_new_tokens=12,
                 do_sample=False,
                 pad_token_id=tok.pad_token_id,
