@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -227,20 +228,14 @@ def run(
     ranks return once training is done). `checked`: a worker of a launched run, whose parent already ran
     the preflight checks and holds the lock; `argv`: the command line to record (the parent's).
     """
-    if checked:
-        return _run(cfg, run_dir, run_name, argv=argv, checked=True)
-    _check_writable("hydra.run.dir (the run dir, under paths.output_dir)", run_dir)
-    with lock_run_dir(run_dir):
-        return _run(cfg, run_dir, run_name, argv=argv)
+    if not checked:
+        _check_writable("hydra.run.dir (the run dir, under paths.output_dir)", run_dir)
+    with contextlib.nullcontext() if checked else lock_run_dir(run_dir):
+        return _run(cfg, run_dir, run_name, argv, checked)
 
 
 def _run(
-    cfg: DictConfig,
-    run_dir: Path,
-    run_name: str | None = None,
-    *,
-    argv: list[str] | None = None,
-    checked: bool = False,
+    cfg: DictConfig, run_dir: Path, run_name: str | None, argv: list[str] | None, checked: bool
 ) -> dict[str, float]:
     """`run` in a run dir already held."""
     config = validate(cfg)  # fails here, naming the key, before anything heavy happens
