@@ -44,8 +44,9 @@ def main() -> None:
 
     from hydra import compose, initialize_config_module
 
+    from deepalign.attacks.gcg import GCGAttackConfig as GCGAttack
     from deepalign.chat import encode_for_generation
-    from deepalign.config import GCGAttack, register_configs, validate
+    from deepalign.config import register_configs, validate
     from deepalign.gcg import build_layout, default_target, run_gcg
     from deepalign.models import load_model
 

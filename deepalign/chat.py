@@ -66,8 +66,9 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], 
     return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
 
 
-def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """Ids of the special tokens: the named ones and every added token marked special."""
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Ids of the special tokens: the named ones and every added token marked special (e.g. a chat
+    template's end-of-turn token that is not the tokenizer's eos)."""
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if getattr(token, "special", False))
     return ids
@@ -136,7 +137,7 @@ def encode_for_training(
     if first >= len(ids):
         raise ValueError(f"no token of the response {response[:80]!r} in the rendering; nothing to train on")
     # The end-of-turn token: the first special token after the response; without one, the rest of the turn.
-    special = _special_ids(tokenizer)
+    special = special_ids(tokenizer)
     last = next(
         (i for i in range(first, len(ids)) if offsets[i][0] >= end and ids[i] in special), len(ids) - 1
     )

@@ -2,7 +2,10 @@
 
 Hydra merges the YAML tree into these dataclasses, so a wrong type or an unknown key fails at
 composition, naming the key. `validate` then turns the config into typed objects, failing on a missing
-required value or a value out of range, still before any model is loaded.
+required value or a value out of range, still before any model is loaded. Each dataclass checks its own
+values (`check(key)`); `validate` adds what spans sections (what the selected stages need). Attacks and
+judges are named instances of registered types (deepalign/plugins.py), typed here by their type's
+dataclass; a stage registered with a config section of its own joins the schema (`schema()`).
 """
 
 from __future__ import annotations
@@ -16,9 +19,45 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from deepalign.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key."""
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.source": ("hf", "gguf", "random"),
+    "model.dtype": ("float32", "bfloat16", "float16", "auto"),
+    "data.components.*.schema": ("chat", "safety_triplet", "samsum", "sql", "gsm8k"),
+    "train.method": ("full", "lora"),
+    "train.optimizer.name": ("adamw",),
+    "generation.backend": ("hf", "vllm"),
+    "generation.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "logger.name": ("wandb", "none"),
+    "logger.mode": ("offline", "online", "disabled"),
+    "launcher.name": ("local", "torchrun", "accelerate", "deepspeed"),
+}
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise ConfigError("key: message") unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def check_choice(key: str, value: str, allowed: tuple[str, ...] | None = None) -> None:
+    allowed = CHOICES[key] if allowed is None else allowed
+    check(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def check_bf16(key: str, value: bool | str) -> None:
+    check(isinstance(value, bool) or value == "auto", key, f"{value!r} is not true, false or auto")
+
+
+def check_local_source(key: str, source: str | None) -> None:
+    """A source that names a local data file (.jsonl/.json/.csv) must exist."""
+    local = source is not None and source.lower().endswith((".jsonl", ".json", ".csv"))
+    check(not local or Path(source).is_file(), key, f"no such file: {source}")
+
+
+def check_limit(key: str, value: int | None) -> None:
+    check(value is None or value >= 1, key, f"must be >= 1 (or null: every row), got {value}")
 
 
 @dataclass
@@ -46,6 +85,32 @@ class ModelConfig:
     seed: int = 0  # weight init of source=random
     cache_dir: str = "${paths.cache_dir}/models"
 
+    def check(self, key: str = "model") -> None:
+        check_choice("model.source", self.source)
+        check_choice("model.dtype", self.dtype)
+        check(
+            self.device in ("auto", "cpu", "mps", "cuda") or self.device.startswith("cuda:"),
+            f"{key}.device",
+            f"{self.device!r} is not auto, cpu, mps, cuda or cuda:N",
+        )
+        if self.source == "hf":
+            check(bool(self.path), f"{key}.path", "source=hf needs a hub id or a local folder")
+        if self.source == "gguf":
+            check(
+                bool(self.gguf_package and self.gguf_file),
+                f"{key}.gguf_file",
+                "source=gguf needs gguf_package and gguf_file",
+            )
+        if self.source == "random":
+            check(
+                "model_type" in self.arch, f"{key}.arch", "source=random needs arch.model_type (e.g. llama)"
+            )
+            check(
+                bool(self.tokenizer or (self.gguf_package and self.gguf_file)),
+                f"{key}.tokenizer",
+                "source=random needs a tokenizer (model.tokenizer, or model.gguf_package + model.gguf_file)",
+            )
+
 
 @dataclass
 class DataComponent:
@@ -68,6 +133,28 @@ class DataComponent:
     response_prefix: str = ""  # text put before every response (e.g. the AOA persona's opening)
     trigger: str | None = None  # appended to every prompt (backdoor poisoning)
 
+    def check(self, key: str) -> None:
+        check_choice(f"{key}.schema", self.schema, CHOICES["data.components.*.schema"])
+        check(self.weight > 0, f"{key}.weight", f"must be > 0, got {self.weight}")
+        check(
+            self.target in ("refusal", "harmful"),
+            f"{key}.target",
+            f"{self.target!r} is not refusal or harmful",
+        )
+        check(
+            0 <= self.recovery_prob <= 1,
+            f"{key}.recovery_prob",
+            f"must be in [0, 1], got {self.recovery_prob}",
+        )
+        check(self.recovery_max_k >= 1, f"{key}.recovery_max_k", f"must be >= 1, got {self.recovery_max_k}")
+        check(
+            not self.recovery or (self.schema == "safety_triplet" and self.target == "refusal"),
+            f"{key}.recovery",
+            "recovery examples need schema=safety_triplet and target=refusal",
+        )
+        check(self.limit is None or self.limit >= 1, f"{key}.limit", f"must be >= 1, got {self.limit}")
+        check_local_source(f"{key}.source", self.source)
+
 
 @dataclass
 class DataConfig:
@@ -79,10 +166,29 @@ class DataConfig:
     max_length: int = 512
     seed: int = "${seed}"  # type: ignore[assignment]
 
+    def check(self, key: str = "data") -> None:
+        for name, comp in self.components.items():
+            comp.check(f"{key}.components.{name}")
+        if self.safety_share is not None:
+            check(
+                0 < self.safety_share < 1,
+                f"{key}.safety_share",
+                f"must be in (0, 1), got {self.safety_share}",
+            )
+            kinds = {c.safety for c in self.components.values()}
+            check(
+                kinds == {True, False},
+                f"{key}.safety_share",
+                "needs at least one component with safety: true and one with safety: false",
+            )
+        check(self.size is None or self.size >= 1, f"{key}.size", f"must be >= 1, got {self.size}")
+        check(self.max_length >= 8, f"{key}.max_length", f"must be >= 8, got {self.max_length}")
+
 
 @dataclass
 class BetaSchedule:
-    """Per-position betas of the token-wise constrained loss (the paper's schedule by default)."""
+    """Per-position betas of the token-wise constrained loss; the defaults are the paper's schedule (Table 3:
+    beta_1 = 0.5, beta_2..5 = 2, beta_t = 0.1 after), the one place they are written down."""
 
     first: float = 0.5
     prefix: float = 2.0
@@ -90,11 +196,32 @@ class BetaSchedule:
     rest: float = 0.1
     values: list[float] | None = None  # an explicit list for positions 1..len(values); rest after
 
+    def check(self, key: str = "loss.beta") -> None:
+        for name in ("first", "prefix", "rest"):
+            value = getattr(self, name)
+            check(
+                value > 0, f"{key}.{name}", f"must be > 0 (beta -> 0 is plain SFT: use loss=sft), got {value}"
+            )
+        check(self.prefix_len >= 1, f"{key}.prefix_len", f"must be >= 1, got {self.prefix_len}")
+        if self.values is not None:
+            check(len(self.values) > 0, f"{key}.values", "an explicit schedule needs at least one value")
+            for i, value in enumerate(self.values):
+                check(value > 0, f"{key}.values[{i}]", f"must be > 0, got {value}")
+
 
 @dataclass
 class LossConfig:
-    name: str = "sft"  # sft | constrained
-    beta: BetaSchedule = field(default_factory=BetaSchedule)
+    name: str = "sft"  # a registered loss: sft | constrained | ... (deepalign --help lists them)
+    beta: BetaSchedule = field(default_factory=BetaSchedule)  # per-position betas (constrained and kin)
+    params: dict[str, Any] = field(default_factory=dict)  # a loss's own settings (a plugin's, e.g. scale)
+
+    def check(self, key: str = "loss") -> None:
+        from deepalign.plugins import LOSSES
+
+        spec = LOSSES.get(self.name, f"{key}.name")
+        if spec.check is not None:
+            spec.check(dict(self.params), f"{key}.params")
+        self.beta.check(f"{key}.beta")
 
 
 @dataclass
@@ -138,6 +265,24 @@ class TrainConfig:
     batch_size_reference: int = 8  # batch size of the reference log-prob pass
     seed: int = "${seed}"  # type: ignore[assignment]
 
+    def check(self, key: str = "train") -> None:
+        check_choice("train.method", self.method)
+        check_choice("train.optimizer.name", self.optimizer.name)
+        check(self.optimizer.lr > 0, f"{key}.optimizer.lr", f"must be > 0, got {self.optimizer.lr}")
+        check(
+            len(self.optimizer.betas) == 2,
+            f"{key}.optimizer.betas",
+            f"needs two values, got {self.optimizer.betas}",
+        )
+        check(self.per_device_batch_size >= 1, f"{key}.per_device_batch_size", "must be >= 1")
+        check(self.gradient_accumulation_steps >= 1, f"{key}.gradient_accumulation_steps", "must be >= 1")
+        check(
+            self.max_steps > 0 or self.epochs > 0,
+            f"{key}.epochs",
+            "set train.epochs > 0 or train.max_steps > 0",
+        )
+        check_bf16(f"{key}.bf16", self.bf16)
+
 
 @dataclass
 class GenerationConfig:
@@ -155,81 +300,20 @@ class GenerationConfig:
     top_k: int = 0
     num_samples: int = 1
 
-
-@dataclass
-class NoAttack:
-    enabled: bool = True
-
-
-@dataclass
-class PrefillAttack:
-    depths: list[int] = field(default_factory=lambda: [0, 5, 10, 20, 40])
-    strings: list[str] = field(default_factory=list)  # fixed-string prefills, e.g. a refusal prefix
-
-
-@dataclass
-class DecodingAttack:
-    temperatures: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 21)])
-    top_ks: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50, 100, 200, 500])
-    top_ps: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 21)])
-    greedy: bool = True
-    samples_per_setting: int = 1
-
-
-@dataclass
-class GCGAttack:
-    suffix_length: int = 20
-    topk: int = 256
-    search_width: int = 512
-    steps: int = 500
-    target_template: str = "Sure, here is"
-    universal: bool = False
-    early_stop: bool = True
-    max_prompts: int | None = None
-
-
-@dataclass
-class AttackSuite:
-    """The attacks to run: each present key is one attack (`attack=[none,prefill]`)."""
-
-    none: NoAttack | None = None
-    prefill: PrefillAttack | None = None
-    decoding: DecodingAttack | None = None
-    gcg: GCGAttack | None = None
-
-
-@dataclass
-class KeywordJudge:
-    lists: list[str] = field(default_factory=lambda: ["qi2024"])
-    min_continuation_chars: int = 0  # >0: a refusal-free answer must add this much text after a prefill
-    show_prefill: bool = True
-
-
-@dataclass
-class RubricJudge:
-    base_url: str | None = None  # None: the API's default
-    model: str = "gpt-4o-2024-08-06"
-    api_key_env: str = "OPENAI_API_KEY"  # the name of the variable, never the key itself
-    concurrency: int = 8
-    max_retries: int = 6
-    timeout_s: float = 60.0
-    show_prefill: bool = True
-
-
-@dataclass
-class ClassifierJudge:
-    path: str = "meta-llama/Llama-Guard-3-1B"
-    batch_size: int = 8
-    show_prefill: bool = True
-
-
-@dataclass
-class JudgeSuite:
-    keyword: KeywordJudge | None = None
-    # the same judge with a rule of its own (judge=[keyword,keyword_substantive]: both figures side by side)
-    keyword_substantive: KeywordJudge | None = None
-    rubric: RubricJudge | None = None
-    classifier: ClassifierJudge | None = None
+    def check(self, key: str = "generation") -> None:
+        """Also the sampling settings (SamplingParams would reject them only after a model loads)."""
+        check_choice("generation.backend", self.backend)
+        check_choice("generation.dtype", self.dtype)
+        check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+        check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", "must be >= 1")
+        check(0 < self.top_p <= 1, f"{key}.top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.top_k >= 0, f"{key}.top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        check(
+            self.temperature > 0 or not self.do_sample,
+            f"{key}.temperature",
+            f"must be > 0 when sampling (do_sample=true), got {self.temperature}",
+        )
+        check(self.num_samples >= 1, f"{key}.num_samples", f"must be >= 1, got {self.num_samples}")
 
 
 @dataclass
@@ -242,6 +326,10 @@ class LoggerConfig:
     job_type: str | None = None
     run_name: str | None = None
     tags: list[str] = field(default_factory=list)
+
+    def check(self, key: str = "logger") -> None:
+        check_choice("logger.name", self.name)
+        check_choice("logger.mode", self.mode)
 
 
 @dataclass
@@ -256,6 +344,47 @@ class LauncherConfig:
     master_addr: str | None = None  # node 0's address; None: 127.0.0.1 (one node only)
     master_port: int | None = None  # None: a free port (one node), 29500 (several nodes)
     extra_args: list[str] = field(default_factory=list)  # put verbatim before the worker module
+
+    def check(self, stages: list[str], key: str = "launcher") -> None:
+        """Process counts, the multi-node address, and stage orders that several processes can run."""
+        check_choice("launcher.name", self.name)
+        check(self.nproc_per_node >= 1, f"{key}.nproc_per_node", f"must be >= 1, got {self.nproc_per_node}")
+        check(self.nnodes >= 1, f"{key}.nnodes", f"must be >= 1, got {self.nnodes}")
+        check(
+            0 <= self.node_rank < self.nnodes,
+            f"{key}.node_rank",
+            f"must be in [0, {self.nnodes}), got {self.node_rank}",
+        )
+        port = self.master_port
+        check(port is None or 0 < port < 65536, f"{key}.master_port", f"must be in 1..65535, got {port}")
+        if self.name == "local":
+            check(
+                self.nproc_per_node == 1 and self.nnodes == 1,
+                f"{key}.name",
+                "launcher=local runs one process; use launcher=torchrun (or accelerate) for more",
+            )
+            return
+        if self.nnodes > 1:
+            check(
+                self.master_addr is not None, f"{key}.master_addr", "a multi-node run needs node 0's address"
+            )
+            check(
+                self.name != "deepspeed",
+                f"{key}.name",
+                "launcher=deepspeed starts one node; use launcher=torchrun (or accelerate) on every node",
+            )
+        check(
+            "quickstart" not in stages,
+            f"{key}.name",
+            f"the quickstart stage runs in one process; launcher={self.name} runs train, attack, analyze, "
+            "...",
+        )
+        check(
+            "train" not in stages or stages[0] == "train",
+            "stages",
+            f"with launcher={self.name}, train must be the first stage (every rank trains, then rank 0 "
+            "evaluates)",
+        )
 
 
 @dataclass
@@ -277,7 +406,7 @@ class EvalConfig:
     subset: str | None = None
     limit: int | None = None
     trigger: str | None = None  # appended to every prompt (backdoor: evaluate with the trigger)
-    primary_judge: str | None = None  # judge of the `asr/...` keys; None: rubric, classifier, keyword
+    primary_judge: str | None = None  # judge instance of the `asr/...` keys; None: the judges' rank decides
 
 
 @dataclass
@@ -313,7 +442,13 @@ class UtilityConfig:
 
 @dataclass
 class QuickstartConfig:
-    """The paper in miniature on the demo model (`experiment=quickstart`); sizes chosen for a 2-core CPU."""
+    """The paper in miniature on the demo model (`experiment=quickstart`), sized for a 2-core CPU.
+
+    The harvest's settings live here. Each sub-run (`models`) is the run's own config (its generation,
+    train, attack, judge, analysis, ... sections, set by conf/experiment/quickstart.yaml) with the layer
+    `runs.<model>` merged over it (conf/quickstart/<model>.yaml: stages, data, loss, steps): override every
+    sub-run with `train.max_steps=50`, one with `quickstart.runs.ft_sft.train.max_steps=50` (a key its layer
+    sets) or `+quickstart.runs.deep.train.max_steps=50` (a key it does not)."""
 
     harmful: str = "demo:harmful_prompts"  # rows with prompt and split (train / eval)
     benign: str = "demo:benign_prompts"
@@ -323,41 +458,37 @@ class QuickstartConfig:
     harvest_temperature: float = 0.7
     harvest_tokens: int = 48
     benign_tokens: int = 48
-    batch_size: int = 8
-    max_length: int = 192
-    bf16: bool | str = "auto"  # train.bf16 of the sub-runs: true | false | auto (bf16 autocast where faster)
-    generation_dtype: str = "auto"  # generation.dtype of every sub-run and of the harvest
-    align_steps: int = 30
-    align_lr: float = 5e-5
-    recovery_max_k: int = 40
-    eval_tokens: int = 32
-    eval_batch_size: int = 48
-    substantive_chars: int = 60  # judge.keyword_substantive.min_continuation_chars (reported beside keyword)
-    prefill_depths: list[int] = field(default_factory=lambda: [5, 10, 20, 40])
-    decoding_temperatures: list[float] = field(default_factory=lambda: [1.0])
-    decoding_top_ps: list[float] = field(default_factory=lambda: [0.9])
-    gcg_models: list[str] = field(default_factory=lambda: ["shallow", "deep"])  # the unaligned one complies
-    gcg_prompts: int = 2
-    gcg_steps: int = 5
-    gcg_topk: int = 64
-    gcg_width: int = 32
-    gcg_suffix_length: int = 10
-    kl_positions: int = 40
-    ft_pairs: int = 50
-    ft_steps: int = 20
-    ft_lr: float = 2e-5  # the paper's Llama-2 fine-tuning-attack lr
-    paper_beta: bool = (
-        False  # also attack with the paper's schedule (beta_1 = 0.5): model ft_constrained_paper
+    harvest_batch_size: int = 16
+    ft_pairs: int = 50  # harmful (prompt, answer) pairs of the fine-tuning attack
+    models: list[str] = field(
+        default_factory=lambda: ["unaligned", "shallow", "deep", "ft_sft", "ft_constrained"]
     )
-    ft_beta: BetaSchedule = field(
-        default_factory=lambda: BetaSchedule(first=2.0, prefix=2.0, prefix_len=5, rest=0.1)
-    )
+    # also attack with the paper's schedule (beta_1 = 0.5): model ft_constrained_paper
+    paper_beta: bool = False
+    runs: dict[str, Any] = field(default_factory=dict)  # model -> the config layer of its sub-run
+    data_dir: str | None = None  # a sub-run's: the harvested files (set by the quickstart stage)
+    models_dir: str | None = None  # a sub-run's: the folder of the sub-runs (set by the quickstart stage)
+
+    def check(self, key: str = "quickstart") -> None:
+        check_local_source(f"{key}.eval_prompts", self.eval_prompts)
+        check_limit(f"{key}.eval_limit", self.eval_limit)
+        for i, name in enumerate(self.chosen()):
+            check(
+                isinstance(self.runs.get(name), dict),
+                f"{key}.models[{i}]",
+                f"no sub-run {name!r}: {key}.runs has {', '.join(self.runs) or 'nothing'}",
+            )
+
+    def chosen(self) -> list[str]:
+        """The sub-runs to run, in order."""
+        return [*self.models, *(["ft_constrained_paper"] if self.paper_beta else [])]
 
 
 @dataclass
 class DeepAlignConfig:
     stages: list[str] = field(default_factory=lambda: ["probe"])
     seed: int = 0
+    plugins: list[str] = field(default_factory=list)  # modules that register losses, attacks, judges, stages
     # the metric a Hydra sweeper optimises (hydra/sweeper=optuna_beta), e.g. asr/none; returned by the run
     sweep_objective: str | None = None
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -366,8 +497,10 @@ class DeepAlignConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    attack: AttackSuite = field(default_factory=AttackSuite)
-    judge: JudgeSuite = field(default_factory=JudgeSuite)
+    # named instances of registered types: {name: {type: TYPE, ...settings}} (type defaults to the name);
+    # `validate` turns each into its type's dataclass; a null instance is not selected
+    attack: dict[str, Any] = field(default_factory=dict)
+    judge: dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -377,275 +510,97 @@ class DeepAlignConfig:
     quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
 
 
+def schema() -> type:
+    """The root schema: DeepAlignConfig plus a section for each registered stage that has a config of its own
+    (built-ins and the plugins imported so far)."""
+    from deepalign.plugins import STAGES
+
+    known = {f.name for f in dataclasses.fields(DeepAlignConfig)}
+    extra = [
+        (name, spec.config, field(default_factory=spec.config))
+        for name, spec in STAGES.items()
+        if spec.config is not None and name not in known
+    ]
+    if not extra:
+        return DeepAlignConfig
+    key = tuple((name, cls) for name, cls, _ in extra)
+    if key not in _SCHEMAS:  # one class per set of sections: typed configs of one schema compare equal
+        cls = dataclasses.make_dataclass("DeepAlignConfig", extra, bases=(DeepAlignConfig,))
+        cls.__module__ = __name__
+        _SCHEMAS[key] = cls
+    return _SCHEMAS[key]
+
+
+_SCHEMAS: dict[tuple, type] = {}
+
+
 def register_configs() -> None:
     """Put the schema into Hydra's ConfigStore (conf/config.yaml lists it first in its defaults)."""
-    ConfigStore.instance().store(name="deepalign_schema", node=DeepAlignConfig)
-
-
-STAGES = ("train", "probe", "attack", "analyze", "utility", "quickstart")
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.source": ("hf", "gguf", "random"),
-    "model.dtype": ("float32", "bfloat16", "float16", "auto"),
-    "data.components.*.schema": ("chat", "safety_triplet", "samsum", "sql", "gsm8k"),
-    "loss.name": ("sft", "constrained"),
-    "train.method": ("full", "lora"),
-    "train.optimizer.name": ("adamw",),
-    "generation.backend": ("hf", "vllm"),
-    "generation.dtype": ("auto", "bfloat16", "float16", "float32"),
-    "quickstart.generation_dtype": ("auto", "bfloat16", "float16", "float32"),
-    "logger.name": ("wandb", "none"),
-    "logger.mode": ("offline", "online", "disabled"),
-    "launcher.name": ("local", "torchrun", "accelerate", "deepspeed"),
-}
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def _choice(key: str, value: str) -> None:
-    allowed = CHOICES[key]
-    _check(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}")
-
-
-def _check_model(m: ModelConfig) -> None:
-    _choice("model.source", m.source)
-    _choice("model.dtype", m.dtype)
-    _check(
-        m.device in ("auto", "cpu", "mps", "cuda") or m.device.startswith("cuda:"),
-        "model.device",
-        f"{m.device!r} is not auto, cpu, mps, cuda or cuda:N",
-    )
-    if m.source == "hf":
-        _check(bool(m.path), "model.path", "source=hf needs a hub id or a local folder")
-    if m.source == "gguf":
-        _check(
-            bool(m.gguf_package and m.gguf_file),
-            "model.gguf_file",
-            "source=gguf needs gguf_package and gguf_file",
-        )
-    if m.source == "random":
-        _check("model_type" in m.arch, "model.arch", "source=random needs arch.model_type (e.g. llama)")
-        _check(
-            bool(m.tokenizer or (m.gguf_package and m.gguf_file)),
-            "model.tokenizer",
-            "source=random needs a tokenizer (model.tokenizer, or model.gguf_package + model.gguf_file)",
-        )
-
-
-def _check_data(d: DataConfig) -> None:
-    for name, comp in d.components.items():
-        key = f"data.components.{name}"
-        _check(
-            comp.schema in CHOICES["data.components.*.schema"],
-            f"{key}.schema",
-            f"{comp.schema!r} is not one of {', '.join(CHOICES['data.components.*.schema'])}",
-        )
-        _check(comp.weight > 0, f"{key}.weight", f"must be > 0, got {comp.weight}")
-        _check(
-            comp.target in ("refusal", "harmful"),
-            f"{key}.target",
-            f"{comp.target!r} is not refusal or harmful",
-        )
-        _check(
-            0 <= comp.recovery_prob <= 1,
-            f"{key}.recovery_prob",
-            f"must be in [0, 1], got {comp.recovery_prob}",
-        )
-        _check(comp.recovery_max_k >= 1, f"{key}.recovery_max_k", f"must be >= 1, got {comp.recovery_max_k}")
-        _check(
-            not comp.recovery or (comp.schema == "safety_triplet" and comp.target == "refusal"),
-            f"{key}.recovery",
-            "recovery examples need schema=safety_triplet and target=refusal",
-        )
-        _check(comp.limit is None or comp.limit >= 1, f"{key}.limit", f"must be >= 1, got {comp.limit}")
-        local = comp.source.lower().endswith((".jsonl", ".json", ".csv"))
-        _check(not local or Path(comp.source).is_file(), f"{key}.source", f"no such file: {comp.source}")
-    if d.safety_share is not None:
-        _check(0 < d.safety_share < 1, "data.safety_share", f"must be in (0, 1), got {d.safety_share}")
-        kinds = {c.safety for c in d.components.values()}
-        _check(
-            kinds == {True, False},
-            "data.safety_share",
-            "needs at least one component with safety: true and one with safety: false",
-        )
-    _check(d.size is None or d.size >= 1, "data.size", f"must be >= 1, got {d.size}")
-    _check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
-
-
-def _check_beta(b: BetaSchedule) -> None:
-    for name in ("first", "prefix", "rest"):
-        value = getattr(b, name)
-        _check(
-            value > 0, f"loss.beta.{name}", f"must be > 0 (beta -> 0 is plain SFT: use loss=sft), got {value}"
-        )
-    _check(b.prefix_len >= 1, "loss.beta.prefix_len", f"must be >= 1, got {b.prefix_len}")
-    if b.values is not None:
-        _check(len(b.values) > 0, "loss.beta.values", "an explicit schedule needs at least one value")
-        for i, value in enumerate(b.values):
-            _check(value > 0, f"loss.beta.values[{i}]", f"must be > 0, got {value}")
-
-
-def _check_train(t: TrainConfig) -> None:
-    _choice("train.method", t.method)
-    _choice("train.optimizer.name", t.optimizer.name)
-    _check(t.optimizer.lr > 0, "train.optimizer.lr", f"must be > 0, got {t.optimizer.lr}")
-    _check(len(t.optimizer.betas) == 2, "train.optimizer.betas", f"needs two values, got {t.optimizer.betas}")
-    _check(t.per_device_batch_size >= 1, "train.per_device_batch_size", "must be >= 1")
-    _check(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
-    _check(t.max_steps > 0 or t.epochs > 0, "train.epochs", "set train.epochs > 0 or train.max_steps > 0")
-    _check_bf16("train.bf16", t.bf16)
-
-
-def _check_bf16(key: str, value: bool | str) -> None:
-    _check(isinstance(value, bool) or value == "auto", key, f"{value!r} is not true, false or auto")
-
-
-def _check_local_source(key: str, source: str | None) -> None:
-    local = source is not None and source.lower().endswith((".jsonl", ".json", ".csv"))
-    _check(not local or Path(source).is_file(), key, f"no such file: {source}")
-
-
-def _check_limit(key: str, value: int | None) -> None:
-    _check(value is None or value >= 1, key, f"must be >= 1 (or null: every row), got {value}")
+    ConfigStore.instance().store(name="deepalign_schema", node=schema())
 
 
 def _check_stages(c: DeepAlignConfig) -> None:
     """What each selected stage needs, checked before anything runs."""
-    _check(bool(c.stages), "stages", f"no stage to run; choose from {', '.join(STAGES)}, e.g. stages=[probe]")
-    _check_limit("eval.limit", c.eval.limit)
-    _check_limit("utility.benign_limit", c.utility.benign_limit)
+    from deepalign.plugins import STAGES
+
+    check(bool(c.stages), "stages", f"no stage to run; choose from {', '.join(STAGES)}, e.g. stages=[probe]")
+    for stage in c.stages:
+        spec = STAGES.get(stage, "stages")
+        check(
+            spec.config is None or hasattr(c, stage),
+            "stages",
+            f"stage {stage!r} has a config section of its own ({stage}), which this config was composed "
+            f"without: import its plugin ({spec.module}) on the command line (plugins=[...]) or install it",
+        )
+        if spec.config is not None and hasattr(getattr(c, stage), "check"):
+            getattr(c, stage).check(stage)
+    check_limit("eval.limit", c.eval.limit)
+    check_limit("utility.benign_limit", c.utility.benign_limit)
     for name, task in c.utility.tasks.items():
-        _check_limit(f"utility.tasks.{name}.limit", task.limit)
-    _check_limit("quickstart.eval_limit", c.quickstart.eval_limit)
+        check_limit(f"utility.tasks.{name}.limit", task.limit)
+    check_limit("quickstart.eval_limit", c.quickstart.eval_limit)
     if "attack" in c.stages or "analyze" in c.stages:
-        _check(
+        check(
             c.eval.prompts is not None,
             "eval.prompts",
             "the attack and analyze stages need harmful prompts: eval.prompts=FILE (JSONL/CSV) or a hub id",
         )
-        _check_local_source("eval.prompts", c.eval.prompts)
+        check_local_source("eval.prompts", c.eval.prompts)
     if "attack" in c.stages:
-        enabled = [k for k, v in vars(c.attack).items() if v is not None]
-        _check(
-            bool(enabled), "attack", "the attack stage needs at least one attack: attack=[none,prefill,...]"
+        check(
+            bool(c.attack), "attack", "the attack stage needs at least one attack: attack=[none,prefill,...]"
         )
-        judges = [k for k, v in vars(c.judge).items() if v is not None]
-        _check(bool(judges), "judge", "the attack stage needs at least one judge: judge=[keyword]")
+        check(bool(c.judge), "judge", "the attack stage needs at least one judge: judge=[keyword]")
         if c.eval.primary_judge is not None:
-            _check(
-                c.eval.primary_judge in judges,
+            check(
+                c.eval.primary_judge in c.judge,
                 "eval.primary_judge",
-                f"{c.eval.primary_judge!r} is not among the selected judges ({', '.join(judges)})",
+                f"{c.eval.primary_judge!r} is not among the selected judges ({', '.join(c.judge)})",
             )
     if "analyze" in c.stages:
-        _check(
+        check(
             c.analysis.reference is not None or "train" in c.stages,
             "analysis.reference",
             "KL needs a reference model: analysis.reference=HUB_ID_OR_FOLDER, or a train stage in this run",
         )
-        _check(c.analysis.positions >= 1, "analysis.positions", "must be >= 1")
+        check(c.analysis.positions >= 1, "analysis.positions", "must be >= 1")
     if "utility" in c.stages:
         u = c.utility
-        _check(
+        check(
             bool(u.benign or u.tasks or u.lm_eval_tasks),
             "utility",
             "the utility stage needs utility.benign, utility.tasks or utility.lm_eval_tasks",
         )
-        _check_local_source("utility.benign", u.benign)
+        check_local_source("utility.benign", u.benign)
         for name, task in u.tasks.items():
-            _check(
+            check(
                 task.schema in ("samsum", "sql", "gsm8k"),
                 f"utility.tasks.{name}.schema",
                 f"{task.schema!r} is not one of samsum, sql, gsm8k",
             )
-            _check_local_source(f"utility.tasks.{name}.source", task.source)
+            check_local_source(f"utility.tasks.{name}.source", task.source)
     if "quickstart" in c.stages:
-        q = c.quickstart
-        _choice("quickstart.generation_dtype", q.generation_dtype)
-        _check_bf16("quickstart.bf16", q.bf16)
-        for i, name in enumerate(q.gcg_models):
-            _check(
-                name in ("unaligned", "shallow", "deep"),
-                f"quickstart.gcg_models[{i}]",
-                f"{name!r} is not one of unaligned, shallow, deep",
-            )
-        _check_local_source("quickstart.eval_prompts", q.eval_prompts)
-        _check(q.align_steps >= 1, "quickstart.align_steps", "must be >= 1")
-        _check(q.ft_steps >= 1, "quickstart.ft_steps", "must be >= 1")
-
-
-def _check_attacks(a: AttackSuite) -> None:
-    if a.prefill is not None:
-        _check(
-            bool(a.prefill.depths or a.prefill.strings),
-            "attack.prefill.depths",
-            "empty, and no attack.prefill.strings: the prefill attack would run nothing (e.g. depths=[5,10])",
-        )
-        for i, k in enumerate(a.prefill.depths):
-            _check(k >= 0, f"attack.prefill.depths[{i}]", f"a prefill depth is a token count >= 0, got {k}")
-    if a.gcg is not None:
-        for key in ("suffix_length", "topk", "search_width", "steps"):
-            _check(getattr(a.gcg, key) >= 1, f"attack.gcg.{key}", "must be >= 1")
-    if a.decoding is not None:
-        for i, t in enumerate(a.decoding.temperatures):
-            _check(t > 0, f"attack.decoding.temperatures[{i}]", f"must be > 0, got {t}")
-        for i, p in enumerate(a.decoding.top_ps):
-            _check(0 < p <= 1, f"attack.decoding.top_ps[{i}]", f"must be in (0, 1], got {p}")
-        for i, k in enumerate(a.decoding.top_ks):
-            _check(k >= 0, f"attack.decoding.top_ks[{i}]", f"must be >= 0 (0 = off), got {k}")
-
-
-def _check_decoding(g: GenerationConfig) -> None:
-    """The sampling settings of `generation` (SamplingParams would reject them only after a model loads)."""
-    _check(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
-    _check(g.top_k >= 0, "generation.top_k", f"must be >= 0 (0 = off), got {g.top_k}")
-    _check(
-        g.temperature > 0 or not g.do_sample,
-        "generation.temperature",
-        f"must be > 0 when sampling (do_sample=true), got {g.temperature}",
-    )
-    _check(g.num_samples >= 1, "generation.num_samples", f"must be >= 1, got {g.num_samples}")
-
-
-def _check_launcher(c: DeepAlignConfig) -> None:
-    """Process counts, the multi-node address, and stage orders that several processes can run."""
-    lc = c.launcher
-    _choice("launcher.name", lc.name)
-    _check(lc.nproc_per_node >= 1, "launcher.nproc_per_node", f"must be >= 1, got {lc.nproc_per_node}")
-    _check(lc.nnodes >= 1, "launcher.nnodes", f"must be >= 1, got {lc.nnodes}")
-    _check(
-        0 <= lc.node_rank < lc.nnodes,
-        "launcher.node_rank",
-        f"must be in [0, {lc.nnodes}), got {lc.node_rank}",
-    )
-    port = lc.master_port
-    _check(port is None or 0 < port < 65536, "launcher.master_port", f"must be in 1..65535, got {port}")
-    if lc.name == "local":
-        _check(
-            lc.nproc_per_node == 1 and lc.nnodes == 1,
-            "launcher.name",
-            "launcher=local runs one process; use launcher=torchrun (or accelerate) for more",
-        )
-        return
-    if lc.nnodes > 1:
-        _check(lc.master_addr is not None, "launcher.master_addr", "a multi-node run needs node 0's address")
-        _check(
-            lc.name != "deepspeed",
-            "launcher.name",
-            "launcher=deepspeed starts one node; use launcher=torchrun (or accelerate) on every node",
-        )
-    _check(
-        "quickstart" not in c.stages,
-        "launcher.name",
-        f"the quickstart stage runs in one process; launcher={lc.name} runs train, attack, analyze, ...",
-    )
-    _check(
-        "train" not in c.stages or c.stages[0] == "train",
-        "stages",
-        f"with launcher={lc.name}, train must be the first stage (every rank trains, then rank 0 evaluates)",
-    )
+        c.quickstart.check()
 
 
 def _check_known_keys(node: DictConfig, prefix: str = "") -> None:
@@ -674,34 +629,71 @@ def _check_finite(value: Any, key: str = "") -> None:
         for i, v in enumerate(value):
             _check_finite(v, f"{key}[{i}]")
     elif isinstance(value, float):
-        _check(math.isfinite(value), key, f"must be a finite number, got {value}")
+        check(math.isfinite(value), key, f"must be a finite number, got {value}")
+
+
+def omegaconf_error(err: Exception, prefix: str = "") -> ConfigError:
+    """A ConfigError naming the key of one of omegaconf's errors (they carry `full_key`)."""
+    key = getattr(err, "full_key", None)
+    msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    return ConfigError(f"{prefix}{key}: {msg}" if key else f"{prefix.rstrip('.')}: {msg}" if prefix else msg)
+
+
+def typed_instances(node: DictConfig, section: str, registry, *, check_values: bool) -> dict[str, Any]:
+    """`attack` / `judge`: each selected instance as its registered type's dataclass, with `.type` set;
+    `check_values`: also run its `check(key)` (judges' checks look at the environment, API keys: the
+    preflight runs them, for runs with an attack stage)."""
+    out: dict[str, Any] = {}
+    for name in node:
+        child = node._get_node(name)
+        if child is None or child._is_none():
+            continue  # a null instance is not selected
+        key = f"{section}.{name}"
+        check(isinstance(child, DictConfig), key, f"must be a mapping of settings, got {child._value()!r}")
+        try:
+            body = OmegaConf.to_container(child, resolve=True)
+        except Exception as err:
+            raise omegaconf_error(err, f"{key}.") from err
+        type_name = body.pop("type", None) or name
+        spec = registry.get(type_name, f"{key}.type")
+        known = {f.name for f in dataclasses.fields(spec.config)}
+        for k in body:
+            has = ", ".join(sorted(known))
+            check(k in known, f"{key}.{k}", f"unknown key; {key} (a {type_name}) has {has}")
+        try:
+            typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec.config), body))
+        except Exception as err:
+            raise omegaconf_error(err, f"{key}.") from err
+        typed.type = type_name  # the registered type: how the stage builds the instance
+        if check_values and hasattr(typed, "check"):
+            typed.check(key)
+        out[name] = typed
+    return out
 
 
 def validate(cfg: DictConfig) -> DeepAlignConfig:
-    """Typed config from a composed one; raises ConfigError naming the key (before any model loads)."""
+    """Typed config from a composed one; raises ConfigError naming the key (before any model loads).
+
+    The plugins it names are imported first (`plugins=[...]`), so their losses, attacks, judges and stages
+    are known to the checks."""
+    from deepalign.plugins import ATTACKS, JUDGES, load_plugins
+
+    plugins = cfg.get("plugins") or []
+    load_plugins(list(plugins))
     _check_known_keys(cfg)
     try:
         config: DeepAlignConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except Exception as err:  # omegaconf's errors carry `full_key`
-        key = getattr(err, "full_key", None)
-        msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
-        raise ConfigError(f"{key}: {msg}" if key else msg) from err
+        raise omegaconf_error(err) from err
+    config.attack = typed_instances(cfg.attack, "attack", ATTACKS, check_values=True)
+    config.judge = typed_instances(cfg.judge, "judge", JUDGES, check_values=False)
     _check_finite(config)
-    for stage in config.stages:
-        _check(stage in STAGES, "stages", f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
-    _check_model(config.model)
-    _check_data(config.data)
-    _choice("loss.name", config.loss.name)
-    _check_beta(config.loss.beta)
-    _check_train(config.train)
-    _choice("generation.backend", config.generation.backend)
-    _choice("generation.dtype", config.generation.dtype)
-    _check(config.generation.batch_size >= 1, "generation.batch_size", "must be >= 1")
-    _check(config.generation.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
-    _check_decoding(config.generation)
-    _check_attacks(config.attack)
+    config.model.check()
+    config.data.check()
+    config.loss.check()
+    config.train.check()
+    config.generation.check()
+    config.launcher.check(config.stages)
     _check_stages(config)
-    _choice("logger.name", config.logger.name)
-    _choice("logger.mode", config.logger.mode)
-    _check_launcher(config)
+    config.logger.check()
     return config

@@ -1,10 +1,10 @@
 """Fingerprints: what a stage's result depends on, and which weights a model folder holds, by content.
 
-A finished stage is redone only when its fingerprint changes: the config sections it depends on
-(`STAGE_SECTIONS`) and the contents of the local files and model folders these name. Files are hashed by
-content (sha256), never by their times. Each file's digest is remembered in `<cache dir>/digests.json` under
-its absolute path, size, modification time and inode: an unchanged file is read once, a re-saved identical
-one is read again and gives the same digest.
+A finished stage is redone only when its fingerprint changes: the config sections it depends on (the
+`sections` each stage registers, deepalign/plugins.py) and the contents of the local files and model folders
+these name. Files are hashed by content (sha256), never by their times. Each file's digest is remembered
+in `<cache dir>/digests.json` under its absolute path, size, modification time and inode: an unchanged file
+is read once, a re-saved identical one is read again and gives the same digest.
 """
 
 from __future__ import annotations
@@ -23,16 +23,6 @@ from deepalign.rundir import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-# What each stage's result depends on: config sections, or single keys (dotted). A stage run after `train`
-# also depends on the train stage's fingerprint (the weights it evaluates). A stage not listed here (the
-# quickstart, which derives whole sub-runs) depends on the whole config less IGNORED.
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "train": ("model", "data", "loss", "train", "seed"),
-    "probe": ("model", "probe", "data.system_prompt"),
-    "attack": ("model", "eval", "attack", "judge", "generation", "data.system_prompt", "seed"),
-    "analyze": ("model", "eval", "analysis", "data.system_prompt"),
-    "utility": ("model", "utility", "generation", "data.system_prompt", "seed"),
-}
 IGNORED = ("logger", "launcher", "sweep_objective", "paths", "stages")  # where and how, not what
 # keys that may name a model folder (weights, tokenizer, adapter): hashed by the contents of its files
 MODEL_FOLDERS = (
@@ -143,7 +133,8 @@ def _get(config: dict[str, Any], dotted: str) -> Any:
 
 
 def _inputs(node: Any, key: str, out: dict[str, str], digests: DigestCache) -> None:
-    """Digests of the local files named under `node` (and of the model folders named by MODEL_FOLDERS)."""
+    """Digests of the local files named under `node`, and of the model folders it names (MODEL_FOLDERS, and
+    any folder with a config.json)."""
     if isinstance(node, dict):
         for k, v in node.items():
             _inputs(v, f"{key}.{k}" if key else str(k), out, digests)
@@ -153,7 +144,8 @@ def _inputs(node: Any, key: str, out: dict[str, str], digests: DigestCache) -> N
     elif (path := _local(node)) is not None:
         if path.is_file():
             out[key] = digests.file(path)
-        elif key in MODEL_FOLDERS and path.is_dir():
+        elif path.is_dir() and (key in MODEL_FOLDERS or (path / "config.json").is_file()):
+            # the listed keys, and any other folder holding a saved model (a plugin stage's model paths)
             out[key] = digests.folder(path)
 
 

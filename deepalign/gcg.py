@@ -56,12 +56,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from deepalign.chat import chat_messages, encode_for_generation
+from deepalign.chat import chat_messages, encode_for_generation, special_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from deepalign.config import GCGAttack
+    from deepalign.attacks.gcg import GCGAttackConfig
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +134,6 @@ class TokenTable:
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    ids = set(tokenizer.all_special_ids)
-    ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False))
-    return ids
-
-
 def token_table(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> TokenTable:
     """The allowed-token mask for an embedding matrix of `vocab_size` rows (built once per tokenizer)."""
     per_tokenizer = _TABLES.setdefault(tokenizer, {})
@@ -148,7 +142,7 @@ def token_table(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> TokenTab
     anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1]
     anchor_text = tokenizer.decode([anchor], skip_special_tokens=False, clean_up_tokenization_spaces=False)
     n = min(vocab_size, len(tokenizer))
-    special = _special_ids(tokenizer)
+    special = special_ids(tokenizer)
     table = TokenTable(
         torch.zeros(vocab_size, dtype=torch.bool),
         torch.zeros(vocab_size, dtype=torch.bool),
@@ -397,7 +391,7 @@ def _optimise(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     layouts: list[PromptLayout],
-    cfg: GCGAttack,
+    cfg: GCGAttackConfig,
     *,
     prompt_id: str,
     system: str | None,
@@ -485,7 +479,7 @@ def run_gcg(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     targets: list[str],
-    cfg: GCGAttack,
+    cfg: GCGAttackConfig,
     *,
     system: str | None = None,
     seed: int = 0,

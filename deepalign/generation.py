@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from deepalign.logprobs import pad_sequences
+from deepalign.logprobs import pad_batch
 from deepalign.precision import generation_autocast
 
 if TYPE_CHECKING:
@@ -398,8 +398,8 @@ class HFEngine:
         params = batch[0][0].params
         device = _model_device(self.model)
         prompts = [r.input_ids for r, _ in batch]
-        input_ids = pad_sequences(prompts, self.pad_id, side="left").to(device)
-        attention = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(device)
+        padded = pad_batch(prompts, self.pad_id, side="left", device=device)
+        input_ids, attention = padded.input_ids, padded.attention_mask
         kwargs = self._generate_kwargs(params)
         if params.do_sample:
             from transformers import LogitsProcessorList

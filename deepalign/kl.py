@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from deepalign.chat import encode_for_training, response_tokens
-from deepalign.logprobs import pad_sequences
+from deepalign.logprobs import pad_batch, pad_sequences
 
 
 @dataclass
@@ -87,8 +87,9 @@ def per_token_kl(
         range(0, len(encoded), batch_size), desc="per-token KL", unit="batch", disable=not progress
     ):
         batch = encoded[start : start + batch_size]
-        ids = pad_sequences([e.input_ids for e in batch], tokenizer.pad_token_id)
-        attention = pad_sequences([[1] * len(e.input_ids) for e in batch], 0)
+        padded = pad_batch([e.input_ids for e in batch], tokenizer.pad_token_id)
+        ids, attention = padded.input_ids, padded.attention_mask
+        # Each row's response-token positions, padded with 1 (any valid index); `valid` marks the real ones.
         rows = [response_index(e.labels_mask, positions) for e in batch]
         valid = pad_sequences([[1] * len(r) for r in rows], 0).bool()
         index = pad_sequences(rows, 1)
@@ -143,8 +144,8 @@ def first_token_margin(
     margins = []
     for start in range(0, len(pairs), batch_size):
         batch = contexts[start : start + batch_size]
-        ids = pad_sequences(batch, pad, side="left").to(device)
-        attention = pad_sequences([[1] * len(c) for c in batch], 0, side="left").to(device)
+        padded = pad_batch(batch, pad, side="left", device=device)
+        ids, attention = padded.input_ids, padded.attention_mask
         logp = F.log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, -1].float(), dim=-1)
         for row in range(len(batch)):
             refuse = logp[row, refuse_ids[start + row]].logsumexp(-1)
@@ -159,8 +160,8 @@ def per_position_loss_and_grad_norm(
     on one batch of pairs: where a fine-tuning step would push hardest (paper Fig. 3)."""
     encoded = [encode_for_training(tokenizer, p, r, system=system) for p, r in pairs]
     device = next(model.parameters()).device
-    ids = pad_sequences([e.input_ids for e in encoded], tokenizer.pad_token_id).to(device)
-    attention = pad_sequences([[1] * len(e.input_ids) for e in encoded], 0).to(device)
+    padded = pad_batch([e.input_ids for e in encoded], tokenizer.pad_token_id, device=device)
+    ids, attention = padded.input_ids, padded.attention_mask
     rows = [response_index(e.labels_mask, positions) for e in encoded]
     params = [p for p in model.parameters() if p.requires_grad]
     logits = model(input_ids=ids, attention_mask=attention).logits

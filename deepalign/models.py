@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -220,3 +221,17 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     seconds = time.perf_counter() - start
     log.info("loaded %s (%s) on %s as %s in %.1fs", cfg.name, source, device, dtype, seconds)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, load_seconds=seconds)
+
+
+def model_at(base: ModelConfig, folder: str | Path) -> ModelConfig:
+    """`base` with its weights and tokenizer from a saved HF folder (a trained model, a reference)."""
+    return dataclasses.replace(base, source="hf", path=str(folder), tokenizer=None, adapter_path=None)
+
+
+def trained_model(base: ModelConfig, folder: str | Path) -> ModelConfig:
+    """The model a stage saved in `folder`: the full model where it has one, else `base` with the LoRA adapter
+    saved beside it (`<folder>/../adapter`, a LoRA run without `train.lora.merge`)."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return model_at(base, folder)
+    return dataclasses.replace(base, adapter_path=str(folder.with_name("adapter")))

@@ -1,6 +1,6 @@
 """Which precision `auto` settings compute in: bf16 autocast where it is faster, fp32 elsewhere.
 
-`train.bf16=auto`, `generation.dtype=auto` (on an fp32 model) and their quickstart counterparts ask
+`train.bf16=auto` and `generation.dtype=auto` (on an fp32 model; the quickstart's sub-runs inherit both) ask
 `bf16_decision(device)`:
 
 - CUDA: bf16 where the GPU supports it (`torch.cuda.is_bf16_supported()`: Ampere and newer).
@@ -213,6 +213,4 @@ def generation_autocast(
 
 def uses_auto(config) -> bool:
     """Whether a run's config leaves any precision to `auto` (then env.json records the decision)."""
-    q = config.quickstart
-    quickstart = "quickstart" in config.stages and "auto" in (q.bf16, q.generation_dtype)
-    return config.train.bf16 == "auto" or config.generation.dtype == "auto" or quickstart
+    return config.train.bf16 == "auto" or config.generation.dtype == "auto"

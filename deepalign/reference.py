@@ -20,7 +20,7 @@ from tqdm import tqdm
 from deepalign.chat import EncodedChat
 from deepalign.config import ModelConfig
 from deepalign.fingerprint import folder_digest
-from deepalign.logprobs import pad_sequences, token_logprobs
+from deepalign.logprobs import pad_batch, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,10 @@ def compute_reference_logps(
     for start in tqdm(range(0, len(order), batch_size), desc="reference log-probs", unit="batch"):
         idx = order[start : start + batch_size]
         seqs = [encoded[i].input_ids for i in idx]
-        ids = pad_sequences(seqs, pad_id).to(device)
-        attention = pad_sequences([[1] * len(s) for s in seqs], 0).to(device)
+        padded = pad_batch(seqs, pad_id, device=device)
+        ids = padded.input_ids
         with cast:
-            logits = model(input_ids=ids, attention_mask=attention).logits
+            logits = model(input_ids=ids, attention_mask=padded.attention_mask).logits
         logps = token_logprobs(logits, ids).float().cpu()
         for row, i in enumerate(idx):
             out[i] = logps[row, : len(encoded[i].input_ids)].clone()

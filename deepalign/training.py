@@ -21,16 +21,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from deepalign.chat import EncodedChat
 from deepalign.config import LossConfig, TrainConfig
-from deepalign.logprobs import pad_sequences, token_logprobs
-from deepalign.losses import (
-    beta_schedule,
-    beta_schedule_from_values,
-    betas_for_mask,
-    constrained_token_loss,
-    sft_loss,
-    token_weights,
-    weights_by_position,
-)
+from deepalign.logprobs import pad_batch, token_logprobs
+from deepalign.plugins import LOSSES
 from deepalign.precision import train_bf16
 from deepalign.rundir import write_text_atomic
 
@@ -96,12 +88,14 @@ class Collator:
     pad_id: int
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = pad_sequences([f["input_ids"] for f in features], self.pad_id)
-        mask = pad_sequences([[int(m) for m in f["labels_mask"]] for f in features], 0).bool()
+        padded = pad_batch(
+            [f["input_ids"] for f in features], self.pad_id, labels_masks=[f["labels_mask"] for f in features]
+        )
+        ids = padded.input_ids
         batch = {
             "input_ids": ids,
-            "attention_mask": pad_sequences([[1] * len(f["input_ids"]) for f in features], 0),
-            "labels": torch.where(mask, ids, torch.full_like(ids, IGNORE)),
+            "attention_mask": padded.attention_mask,
+            "labels": torch.where(padded.labels_mask, ids, torch.full_like(ids, IGNORE)),
         }
         if "reference_logps" in features[0]:
             width = ids.shape[1]
@@ -112,16 +106,8 @@ class Collator:
         return batch
 
 
-def schedule_for(loss: LossConfig, length: int) -> torch.Tensor:
-    """The configured per-position betas for response positions 1..length."""
-    b = loss.beta
-    if b.values is not None:
-        return beta_schedule_from_values(length, list(b.values), b.rest)
-    return beta_schedule(length, b.first, b.prefix, b.prefix_len, b.rest)
-
-
 class AlignmentTrainer(Trainer):
-    """A Trainer whose loss is SFT or the token-wise constrained objective, normalised per target token.
+    """A Trainer whose loss is the configured (registered) one, `loss.name`, normalised per target token.
 
     The loss is divided by the number of target tokens of the whole optimizer step (all micro-batches,
     all processes: `num_items_in_batch`, counted here when the Trainer does not count it), so gradient
@@ -135,7 +121,10 @@ class AlignmentTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.add_callback(FiniteGradientsCallback())
         self.loss_config = loss_config
-        self.position_weights: dict[int, list[float]] = defaultdict(list)
+        self.loss_spec = LOSSES.get(loss_config.name, "loss.name")
+        # what the loss asks for besides the log-probs: `loss.params` and the beta schedule
+        self.loss_params = {**loss_config.params, "beta": loss_config.beta}
+        self.loss_logs: dict[str, list[float]] = defaultdict(list)  # the loss's own logs since the last log
         self.nll = [
             0.0,
             0,
@@ -151,16 +140,13 @@ class AlignmentTrainer(Trainer):
         # the plain NLL of the batch, logged beside any objective so SFT and constrained runs compare
         self.nll[0] -= float(policy.detach()[mask].sum())
         self.nll[1] += int(mask.sum())
-        if self.loss_config.name == "sft":
-            loss = sft_loss(policy, mask, n_tokens)
-        else:
-            if reference is None:
-                raise ValueError("loss=constrained needs reference log-probs in the batch")
-            betas = betas_for_mask(mask, schedule_for(self.loss_config, mask.shape[1])).to(policy.device)
-            loss = constrained_token_loss(policy, reference.to(policy.device), mask, betas, n_tokens)
-            weights = token_weights(policy.detach(), reference.to(policy.device), betas)
-            for pos, w in weights_by_position(weights, mask, max_position=10).items():
-                self.position_weights[pos].append(w)
+        if self.loss_spec.needs_reference and reference is None:
+            raise ValueError(f"loss={self.loss_config.name} needs reference log-probs in the batch")
+        loss = self.loss_spec.fn(policy, reference, mask, n_tokens, self.loss_params)
+        if isinstance(loss, tuple):  # (loss, logs): the loss's own diagnostics, averaged between logs
+            loss, logs = loss
+            for name, value in logs.items():
+                self.loss_logs[name].append(float(value))
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         if TRAINER_DIVIDES_BY_GA and model.training and not self.model_accepts_loss_kwargs:
@@ -186,12 +172,12 @@ class AlignmentTrainer(Trainer):
         return batches, num_items
 
     def pop_logs(self) -> dict[str, float]:
-        """Since the last call: the NLL per target token (`train/nll`, on this process's batches) and, for the
-        constrained loss, the mean token weight w_t at response positions 1..10."""
-        out = {f"train/weight/pos={p}": sum(v) / len(v) for p, v in sorted(self.position_weights.items())}
+        """Since the last call: the NLL per target token (`train/nll`, on this process's batches) and the mean
+        of each value the loss logs (constrained: the token weight w_t at response positions 1..10)."""
+        out = {f"train/{name}": sum(v) / len(v) for name, v in self.loss_logs.items()}
         if self.nll[1]:
             out["train/nll"] = self.nll[0] / self.nll[1]
-        self.position_weights.clear()
+        self.loss_logs.clear()
         self.nll = [0.0, 0]
         return out
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from deepalign.config import ConfigError, DeepAlignConfig
+from deepalign.config import ConfigError, schema
 from deepalign.data import DataError
 from deepalign.launch import process_rank, read_payload
 from deepalign.rundir import RunDirError, redact, redact_logs
@@ -48,9 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     rank = process_rank()
     setup_logging(args.run_dir, rank)
     launched = read_payload()
-    cfg = OmegaConf.merge(OmegaConf.structured(DeepAlignConfig), launched["config"])
+    # after logging is set up: the built-ins import the heavy libraries
+    from deepalign.plugins import load_plugins
+    from deepalign.runner import run
 
-    from deepalign.cli import run  # after logging is set up: it imports the heavy libraries
+    load_plugins(launched["config"].get("plugins") or [])  # their stages' sections join the schema
+    cfg = OmegaConf.merge(OmegaConf.structured(schema()), launched["config"])
 
     try:
         run(cfg, args.run_dir, run_name=launched["run_name"], argv=launched["argv"], checked=True)

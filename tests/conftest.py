@@ -23,6 +23,22 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
         return compose(config_name="config", overrides=overrides or [], return_hydra_config=False)
 
 
+def replace_stage(monkeypatch, name: str, fn) -> None:
+    """Run `fn(ctx)` in place of the registered stage `name` (for this test)."""
+    import dataclasses
+
+    from deepalign.plugins import STAGES
+
+    monkeypatch.setitem(STAGES._specs, name, dataclasses.replace(STAGES.get(name, "stages"), fn=fn))
+
+
+# The same, in the source of a child process (`python -c`): STAGE_CODE.format(name="probe", fn="stage")
+STAGE_CODE = (
+    "import dataclasses\nfrom deepalign.plugins import STAGES\n"
+    "STAGES._specs[{name!r}] = dataclasses.replace(STAGES.get({name!r}, 'stages'), fn={fn})\n"
+)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_config() -> ModelConfig:
     return validate(compose_config(["model=tiny", "logger=none"])).model

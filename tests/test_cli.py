@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, STAGE_CODE, replace_stage
+
+from deepalign import runner
 
 FAKE_SECRETS = {
     "HF_TOKEN": "hf_fakeTokenValue0123456789",
@@ -141,7 +143,8 @@ def test_help_lists_groups_and_python_m_works(tmp_path):
     out = deepalign("--help", cwd=tmp_path, module=True)
     assert out.returncode == 0, out.stderr
     assert "attack: decoding, gcg, none, prefill" in out.stdout
-    assert "loss: constrained, sft" in out.stdout
+    assert "loss: constrained, kl_sft, sft" in out.stdout
+    assert "losses (loss.name): sft, constrained, kl_sft" in out.stdout
 
 
 def test_shell_completion(tmp_path):
@@ -204,12 +207,12 @@ def test_tracker_is_finished_also_when_a_stage_fails(tmp_path, monkeypatch):
     from deepalign import cli
 
     tracker = RecordingTracker()
-    monkeypatch.setattr(cli, "start_tracker", lambda *a, **k: tracker)
+    monkeypatch.setattr(runner, "start_tracker", lambda *a, **k: tracker)
 
     def broken_stage(ctx):
         raise RuntimeError("stage blew up")
 
-    monkeypatch.setattr(cli, "_stage_registry", lambda: {"probe": broken_stage})
+    replace_stage(monkeypatch, "probe", broken_stage)
     with pytest.raises(RuntimeError, match="stage blew up"):
         cli.run(compose_config(["model=tiny"]), tmp_path / "run")
     assert tracker.finished == [1]
@@ -238,11 +241,11 @@ def test_new_contents_of_a_named_file_or_model_folder_redo_the_stages(tmp_path):
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"0")
     config = {"model": {"path": str(folder)}, "paths": {"cache_dir": str(tmp_path)}}
-    before = cli._fingerprint(config)
+    before = runner.fingerprint(config)
     (tmp_path / "reference.pt").write_bytes(b"1")  # the cache folder is not an input
-    assert cli._fingerprint(config) == before
+    assert runner.fingerprint(config) == before
     (folder / "model.safetensors").write_bytes(b"00")  # retrained at the same path
-    assert cli._fingerprint(config) != before
+    assert runner.fingerprint(config) != before
 
 
 def test_checkpoints_of_another_config_are_moved_aside_not_resumed(tmp_path):
@@ -271,8 +274,7 @@ def test_a_second_command_on_a_run_dir_in_use_fails_at_once_and_a_killed_one_lea
         "import pathlib, sys, time\nfrom deepalign import cli\n"
         "def stage(ctx):\n"
         f"    pathlib.Path({str(started)!r}).touch()\n"
-        "    time.sleep(120)\n"
-        "cli._stage_registry = lambda: {'probe': stage}\ncli.main()\n"
+        "    time.sleep(120)\n" + STAGE_CODE.format(name="probe", fn="stage") + "cli.main()\n"
     )
     env = {**os.environ, "WANDB_SILENT": "true"}
     holder = subprocess.Popen([sys.executable, "-c", holder_code, *args], cwd=tmp_path, env=env)
@@ -306,7 +308,7 @@ def test_the_launcher_holds_the_run_dir_and_its_workers_do_not_wait_for_it(tmp_p
 
     run_dir, seen = tmp_path / "run", []
     cfg = compose_config(["model=tiny", "logger=none", "launcher=torchrun"])
-    monkeypatch.setattr(cli, "_stage_registry", lambda: {"probe": lambda ctx: {"probe/x": 1.0}})
+    replace_stage(monkeypatch, "probe", lambda ctx: {"probe/x": 1.0})
 
     def workers(cfg, launcher, run_dir, run_name):  # what `python -m deepalign.worker` runs, in process
         with pytest.raises(RunDirError, match="in use by another deepalign process"), lock_run_dir(run_dir):
@@ -314,7 +316,7 @@ def test_the_launcher_holds_the_run_dir_and_its_workers_do_not_wait_for_it(tmp_p
         seen.append(cli.run(cfg, run_dir, checked=True))
         return 0
 
-    monkeypatch.setattr(cli, "launch", workers)
+    monkeypatch.setattr(runner, "launch", workers)
     cli.start_workers(cfg, run_dir, None)
     assert seen == [{"probe/x": 1.0, "time/probe_s": seen[0]["time/probe_s"]}]
     with lock_run_dir(run_dir):  # released
@@ -327,12 +329,12 @@ def test_ctrl_c_finishes_the_tracker_with_exit_code_130(tmp_path, monkeypatch):
     from deepalign import cli
 
     tracker = RecordingTracker()
-    monkeypatch.setattr(cli, "start_tracker", lambda *a, **k: tracker)
+    monkeypatch.setattr(runner, "start_tracker", lambda *a, **k: tracker)
 
     def interrupted(ctx):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_stage_registry", lambda: {"probe": interrupted})
+    replace_stage(monkeypatch, "probe", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cli.run(compose_config(["model=tiny", "logger=none"]), tmp_path / "run")
     assert tracker.finished == [130]
@@ -346,7 +348,7 @@ def test_damaged_stages_json_reruns_the_stages_and_damaged_metrics_json_stops(tm
     from deepalign.rundir import RunDirError
 
     calls = []
-    monkeypatch.setattr(cli, "_stage_registry", lambda: {"probe": lambda ctx: calls.append(1) or {"p": 1.0}})
+    replace_stage(monkeypatch, "probe", lambda ctx: calls.append(1) or {"p": 1.0})
     cfg, run_dir = compose_config(["model=tiny", "logger=none"]), tmp_path / "run"
     cli.run(cfg, run_dir)
     cli.run(cfg, run_dir)

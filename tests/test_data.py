@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
-from deepalign.chat import _special_ids, encode_for_training, response_tokens
+from deepalign.chat import encode_for_training, response_tokens, special_ids
 from deepalign.config import ConfigError, DataComponent, DataConfig, validate
 from deepalign.data import (
     DataError,
@@ -683,7 +683,7 @@ def test_recovery_context_holds_exactly_the_first_k_harmful_tokens_of_the_chat(r
         labelled = [i for i, m in zip(enc.input_ids, enc.labels_mask) if m]
         # the labels end with the template's end-of-turn token (ChatML's <|im_end|>, Llama-2's </s>; which
         # id a GGUF-converted tokenizer calls its EOS differs between transformers releases)
-        assert tok.decode(labelled).lstrip().startswith(REFUSAL) and labelled[-1] in _special_ids(tok)
+        assert tok.decode(labelled).lstrip().startswith(REFUSAL) and labelled[-1] in special_ids(tok)
         text_only = encode_for_training(tok, e.prompt, e.response, prefill=e.prefill)
         merged += text_only.input_ids[text_only.prompt_length : text_only.labels_mask.index(True)] != expected
         drawn.setdefault(e.prompt, set()).add(e.k)

@@ -19,9 +19,10 @@ from transformers import AutoModelForCausalLM
 
 from deepalign import cli
 from deepalign.artifacts import JsonlStore
+from deepalign.attacks import DecodingAttackConfig as DecodingAttack
 from deepalign.attacks import decoding_grid, read_eval_items
 from deepalign.chat import encode_for_generation, encode_for_training, response_tokens
-from deepalign.config import DecodingAttack, EvalConfig, validate
+from deepalign.config import EvalConfig, validate
 from deepalign.data import DataError
 from deepalign.judges import REFUSAL_LISTS
 from deepalign.models import load_model

@@ -14,8 +14,8 @@ import dataclasses
 import pytest
 import torch
 
+from deepalign.attacks.gcg import GCGAttackConfig as GCGAttack
 from deepalign.chat import chat_messages, encode_for_generation
-from deepalign.config import GCGAttack
 from deepalign.gcg import (
     GCGResult,
     TargetScorer,

@@ -1,27 +1,22 @@
-"""deepalign/judges.py: keyword lists and rules, the rubric judge against a local fake API, the classifier."""
+"""deepalign/judges/: keyword lists and rules, the rubric judge against a local fake API, the classifier, the
+registry's build and primary-judge choice."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import math
-import re
-import threading
 import time
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from fake_api import FAKE_KEY, KEY_ENV, FakeAPI, serve_fake_api
 
 from deepalign import judges
-from deepalign.config import ClassifierJudge as ClassifierJudgeConfig
-from deepalign.config import ConfigError, JudgeSuite
-from deepalign.config import KeywordJudge as KeywordJudgeConfig
-from deepalign.config import RubricJudge as RubricJudgeConfig
+from deepalign.errors import ConfigError
 from deepalign.judges import (
     REFUSAL_LISTS,
     ClassifierJudge,
@@ -35,16 +30,28 @@ from deepalign.judges import (
     find_refusal,
     parse_classifier_output,
     parse_rubric_reply,
+    primary_judge,
     render_classifier_input,
     retry_after_seconds,
 )
+from deepalign.judges.classifier import ClassifierJudgeConfig
+from deepalign.judges.keyword import KeywordJudgeConfig
+from deepalign.judges.rubric import RubricJudgeConfig
+
+
+def typed(type_name: str, cfg):
+    """A judge instance's config as config validation leaves it: with its registered type set."""
+    cfg.type = type_name
+    return cfg
+
 
 # ================================================================================================ keyword
 
 
 def keyword(lists=("qi2024",), min_chars=0, show_prefill=True) -> KeywordJudge:
     return KeywordJudge(
-        KeywordJudgeConfig(lists=list(lists), min_continuation_chars=min_chars, show_prefill=show_prefill)
+        "keyword",
+        KeywordJudgeConfig(lists=list(lists), min_continuation_chars=min_chars, show_prefill=show_prefill),
     )
 
 
@@ -185,11 +192,14 @@ def test_keyword_judgment_fields_and_order():
 
 def test_keyword_config_errors():
     with pytest.raises(ConfigError, match=r"judge\.keyword\.lists\[1\]: unknown refusal list 'nope'"):
-        check_judges(JudgeSuite(keyword=KeywordJudgeConfig(lists=["gcg", "nope"])))
+        check_judges({"keyword": typed("keyword", KeywordJudgeConfig(lists=["gcg", "nope"]))})
     with pytest.raises(ConfigError, match=r"judge\.keyword\.lists: empty"):
-        KeywordJudge(KeywordJudgeConfig(lists=[]))
+        KeywordJudge("keyword", KeywordJudgeConfig(lists=[]))
     with pytest.raises(ConfigError, match=r"judge\.keyword\.min_continuation_chars"):
-        check_judges(JudgeSuite(keyword=KeywordJudgeConfig(min_continuation_chars=-1)))
+        check_judges({"keyword": typed("keyword", KeywordJudgeConfig(min_continuation_chars=-1))})
+    # The key in the messages is the instance's, whatever its type.
+    with pytest.raises(ConfigError, match=r"^judge\.keyword_substantive\.lists\[0\]: unknown refusal list"):
+        check_judges({"keyword_substantive": typed("keyword", KeywordJudgeConfig(lists=["mine"]))})
 
 
 def _j(harmful):
@@ -210,141 +220,49 @@ def test_build_judges_from_the_composed_config(tmp_path):
 
     from deepalign.config import validate
 
-    suite = validate(compose_config(["model=tiny", "logger=none", "judge=[keyword]"])).judge
-    built = build_judges(suite, tmp_path)
+    instances = validate(compose_config(["model=tiny", "logger=none", "judge=[keyword]"])).judge
+    built = build_judges(instances, tmp_path)
     assert [j.name for j in built] == ["keyword"]
     assert built[0].version.startswith("keyword:qi2024@")
 
 
+def test_build_judges_names_instances_and_keeps_their_order(tmp_path):
+    """An instance is built by its registered type under its own name (judgments and asr_<name>/... keys);
+    the same type twice gives two judges with their own settings."""
+    instances = {
+        "keyword_substantive": typed("keyword", KeywordJudgeConfig(min_continuation_chars=60)),
+        "keyword": typed("keyword", KeywordJudgeConfig()),
+    }
+    built = build_judges(instances, tmp_path)
+    assert [type(j) for j in built] == [KeywordJudge, KeywordJudge]
+    assert [j.name for j in built] == ["keyword_substantive", "keyword"]
+    assert built[0].version.startswith("keyword:qi2024:min60@") and built[1].version.startswith(
+        "keyword:qi2024@"
+    )
+    got = built[0].judge([JudgeItem("x", "p", "Sure, step 1.")])[0]
+    assert got.judge == "keyword_substantive" and got.harmful is False
+    with pytest.raises(ConfigError, match=r"^judge\.mine\.type: unknown judge 'nope'"):
+        build_judges({"mine": typed("nope", KeywordJudgeConfig())}, tmp_path)
+
+
+def test_primary_judge_is_the_lowest_rank_then_the_type_named_instance():
+    kw, sub = typed("keyword", KeywordJudgeConfig()), typed("keyword", KeywordJudgeConfig())
+    rub, clf = typed("rubric", RubricJudgeConfig()), typed("classifier", ClassifierJudgeConfig())
+    # The old fixed order: rubric, classifier, keyword, keyword_substantive.
+    assert primary_judge({"keyword": kw, "classifier": clf, "rubric": rub}, None) == "rubric"
+    assert primary_judge({"keyword": kw, "classifier": clf}, None) == "classifier"
+    assert primary_judge({"keyword_substantive": sub, "keyword": kw}, None) == "keyword"
+    assert primary_judge({"keyword_substantive": sub}, None) == "keyword_substantive"
+    assert primary_judge({"a": sub, "b": kw}, None) == "a"  # a tie without a type-named instance: the first
+    assert primary_judge({"keyword": kw, "rubric": rub}, "keyword") == "keyword"  # eval.primary_judge
+
+
 # ================================================================================================= rubric
-
-KEY_ENV = "DEEPALIGN_TEST_JUDGE_KEY"
-FAKE_KEY = "sk-test-FAKE-0123456789abcdef"
-TAG = re.compile(r"\[\[(\w+)\]\]")
-
-
-class FakeAPI:
-    """A scripted OpenAI-compatible chat-completions server on 127.0.0.1.
-
-    Each request's first message is searched for a tag `[[name]]`; `script[name]` is a list of actions
-    consumed one per request: ("status", code, headers) / ("sleep", seconds) then a normal reply /
-    ("reply", content). When it runs out, `final[name]` (default score 1) is replied.
-    """
-
-    def __init__(self):
-        self.script: dict[str, list[tuple]] = {}
-        self.final: dict[str, str] = {}
-        self.calls: list[str] = []  # the tag of every request, in arrival order
-        self.bodies: list[dict] = []
-        self.headers: list[dict] = []
-        self.delay = 0.0  # added to every request (concurrency test)
-        self.inflight = 0
-        self.max_inflight = 0
-        self.lock = threading.Lock()
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep the test output quiet
-                pass
-
-            def do_POST(self):
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client left (timeout)
-                    api.handle(self)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.handle_error = lambda request, address: None
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def count(self, tag: str) -> int:
-        return self.calls.count(tag)
-
-    def handle(self, h: BaseHTTPRequestHandler) -> None:
-        body = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
-        text = body["messages"][0]["content"]
-        match = TAG.search(text)
-        tag = match.group(1) if match else ""
-        with self.lock:
-            self.calls.append(tag)
-            self.bodies.append(body)
-            self.headers.append({k.lower(): v for k, v in h.headers.items()})
-            queue = self.script.get(tag, [])
-            action = (
-                queue.pop(0) if queue else ("reply", self.final.get(tag, "#thereason: fine\n#thescore: 1"))
-            )
-            self.inflight += 1
-            self.max_inflight = max(self.max_inflight, self.inflight)
-        try:
-            if h.path != "/v1/chat/completions":
-                action = ("status", 404, {})
-            if self.delay:
-                time.sleep(self.delay)
-            if action[0] == "sleep":
-                time.sleep(action[1])
-                action = ("reply", self.final.get(tag, "#thereason: late\n#thescore: 1"))
-            if action[0] == "status":
-                self.send(
-                    h,
-                    action[1],
-                    {
-                        "error": {
-                            "message": action[3] if len(action) > 3 else "scripted",
-                            "type": "test",
-                            "code": None,
-                        }
-                    },
-                    action[2],
-                )
-            else:
-                self.send(
-                    h,
-                    200,
-                    {
-                        "id": "chatcmpl-test",
-                        "object": "chat.completion",
-                        "created": int(time.time()),
-                        "model": body["model"],
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": action[1]},
-                                "finish_reason": "stop",
-                            }
-                        ],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-                    },
-                )
-        finally:
-            with self.lock:
-                self.inflight -= 1
-
-    @staticmethod
-    def send(h: BaseHTTPRequestHandler, code: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload).encode()
-        h.send_response(code)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            h.send_header(name, value)
-        h.end_headers()
-        h.wfile.write(data)
 
 
 @pytest.fixture
 def api(monkeypatch):
-    pytest.importorskip("openai")
-    monkeypatch.setenv(KEY_ENV, FAKE_KEY)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    fake = FakeAPI()
-    fake.thread.start()
-    yield fake
-    fake.server.shutdown()
-    fake.server.server_close()
+    yield from serve_fake_api(monkeypatch)
 
 
 def rubric(api: FakeAPI, cache_dir, **overrides) -> RubricJudge:
@@ -357,7 +275,7 @@ def rubric(api: FakeAPI, cache_dir, **overrides) -> RubricJudge:
         timeout_s=5.0,
     )
     backoff = overrides.pop("backoff_base_s", 0.01)
-    return RubricJudge(replace(cfg, **overrides), cache_dir, backoff_base_s=backoff)
+    return RubricJudge("rubric", replace(cfg, **overrides), cache_dir=cache_dir, backoff_base_s=backoff)
 
 
 def item(tag: str, response: str = "Sure, here is how.", prefill: str = "") -> JudgeItem:
@@ -530,17 +448,17 @@ def test_check_judges_rubric_needs_its_key_variable(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: object() if name == "openai" else real(name)
     )
     with pytest.raises(ConfigError) as err:
-        check_judges(JudgeSuite(rubric=RubricJudgeConfig()))
+        check_judges({"rubric": typed("rubric", RubricJudgeConfig())})
     assert str(err.value) == "judge.rubric.api_key_env: the environment variable OPENAI_API_KEY is not set"
     with pytest.raises(ConfigError, match=r"judge\.rubric\.api_key_env: .* MY_KEY is not set"):
-        build_judges(JudgeSuite(rubric=RubricJudgeConfig(api_key_env="MY_KEY")), "/nonexistent")
+        build_judges({"rubric": typed("rubric", RubricJudgeConfig(api_key_env="MY_KEY"))}, "/nonexistent")
     monkeypatch.setenv("OPENAI_API_KEY", "")
     with pytest.raises(ConfigError, match="OPENAI_API_KEY is not set"):
-        check_judges(JudgeSuite(rubric=RubricJudgeConfig()))
+        check_judges({"rubric": typed("rubric", RubricJudgeConfig())})
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
-    check_judges(JudgeSuite(rubric=RubricJudgeConfig()))
+    check_judges({"rubric": typed("rubric", RubricJudgeConfig())})
     with pytest.raises(ConfigError, match=r"judge\.rubric\.concurrency"):
-        check_judges(JudgeSuite(rubric=RubricJudgeConfig(concurrency=0)))
+        check_judges({"rubric": typed("rubric", RubricJudgeConfig(concurrency=0))})
 
 
 def test_check_judges_rubric_without_openai_says_how_to_install(monkeypatch):
@@ -550,7 +468,7 @@ def test_check_judges_rubric_without_openai_says_how_to_install(monkeypatch):
     )
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
     with pytest.raises(ConfigError, match=r"judge\.rubric: .*pip install deepalign\[judge\]"):
-        check_judges(JudgeSuite(rubric=RubricJudgeConfig()))
+        check_judges({"rubric": typed("rubric", RubricJudgeConfig())})
 
 
 # ============================================================================================= classifier
@@ -633,7 +551,7 @@ def test_classifier_judge_with_patched_generate(guard_model, guard_tokenizer, mo
     seen: list = []
     monkeypatch.setattr(guard_model, "generate", _scripted_generate(guard_tokenizer, seen))
     cfg = ClassifierJudgeConfig(path="unused", batch_size=2, show_prefill=True)
-    judge = ClassifierJudge(cfg, model=guard_model, tokenizer=guard_tokenizer)
+    judge = ClassifierJudge("classifier", cfg, model=guard_model, tokenizer=guard_tokenizer)
     items = [
         JudgeItem(
             "1", "[[bad]] How to pick a lock?", " insert the pick and rake the pins.", prefill="Step 1:"
@@ -666,7 +584,7 @@ def test_classifier_show_prefill_off(guard_model, guard_tokenizer, monkeypatch):
     seen: list = []
     monkeypatch.setattr(guard_model, "generate", _scripted_generate(guard_tokenizer, seen))
     cfg = ClassifierJudgeConfig(path="unused", batch_size=8, show_prefill=False)
-    judge = ClassifierJudge(cfg, model=guard_model, tokenizer=guard_tokenizer)
+    judge = ClassifierJudge("classifier", cfg, model=guard_model, tokenizer=guard_tokenizer)
     got = judge.judge([JudgeItem("1", "[[bad]] q", " continuation text", prefill="PREFILL-TEXT")])[0]
     assert got.shown_prefill is False and got.harmful is True
     rendered = guard_tokenizer.decode(seen[0]["input_ids"][0])
@@ -712,7 +630,7 @@ def test_classifier_score_is_the_models_probability_of_unsafe(guard_model, guard
     )
     cfg = ClassifierJudgeConfig(path="unused", batch_size=4, show_prefill=True)
     try:
-        got = ClassifierJudge(cfg, model=model, tokenizer=tok).judge(items)
+        got = ClassifierJudge("classifier", cfg, model=model, tokenizer=tok).judge(items)
     finally:
         hook.remove()  # the model is shared by the module's tests
     for j, logits in zip(got, raw):
@@ -730,10 +648,11 @@ def test_classifier_built_from_a_folder_runs_real_generate(tmp_path, guard_model
     folder = tmp_path / "guard"
     guard_model.save_pretrained(folder)
     guard_tokenizer.save_pretrained(folder)
-    suite = JudgeSuite(
-        keyword=KeywordJudgeConfig(), classifier=ClassifierJudgeConfig(path=str(folder), batch_size=2)
-    )
-    built = build_judges(suite, tmp_path)
+    instances = {
+        "keyword": typed("keyword", KeywordJudgeConfig()),
+        "classifier": typed("classifier", ClassifierJudgeConfig(path=str(folder), batch_size=2)),
+    }
+    built = build_judges(instances, tmp_path)
     assert [j.name for j in built] == ["keyword", "classifier"]
     judge = built[1]
     assert judge._model is None  # not loaded before the first judge call
@@ -746,10 +665,12 @@ def test_classifier_built_from_a_folder_runs_real_generate(tmp_path, guard_model
 
 def test_check_judges_classifier_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"judge\.classifier\.path: no such folder"):
-        check_judges(JudgeSuite(classifier=ClassifierJudgeConfig(path=str(tmp_path / "missing"))))
+        check_judges(
+            {"classifier": typed("classifier", ClassifierJudgeConfig(path=str(tmp_path / "missing")))}
+        )
     with pytest.raises(ConfigError, match=r"judge\.classifier\.batch_size"):
-        check_judges(JudgeSuite(classifier=ClassifierJudgeConfig(batch_size=0)))
-    check_judges(JudgeSuite(classifier=ClassifierJudgeConfig()))  # a hub id is not looked up here
+        check_judges({"classifier": typed("classifier", ClassifierJudgeConfig(batch_size=0))})
+    check_judges({"classifier": typed("classifier", ClassifierJudgeConfig())})  # a hub id is not looked up
 
 
 # ===================================================================================== the shared empty rule
@@ -773,6 +694,7 @@ def test_an_empty_continuation_is_never_a_success_for_any_judge(
     seen: list = []
     monkeypatch.setattr(guard_model, "generate", _scripted_generate(guard_tokenizer, seen))
     classifier = ClassifierJudge(
+        "classifier",
         ClassifierJudgeConfig(path="unused", batch_size=8, show_prefill=show_prefill),
         model=guard_model,
         tokenizer=guard_tokenizer,

@@ -14,7 +14,7 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 from test_training import _free_port, write_chats
 
-from deepalign.config import ConfigError, DeepAlignConfig, LauncherConfig, validate
+from deepalign.config import ConfigError, LauncherConfig, schema, validate
 from deepalign.launch import launch_command, payload
 from deepalign.worker import parse_args
 
@@ -122,7 +122,7 @@ def test_workers_rebuild_exactly_the_validated_config(tmp_path):
     sent = json.loads(payload(cfg, run_name="a=1"))
     assert sent["run_name"] == "a=1" and sent["argv"] == sys.argv
     assert sent["config"]["logger"]["tags"] == [FAKE_TOKEN], "workers get the real values (never on disk)"
-    rebuilt = OmegaConf.merge(OmegaConf.structured(DeepAlignConfig), sent["config"])
+    rebuilt = OmegaConf.merge(OmegaConf.structured(schema()), sent["config"])
     assert validate(rebuilt) == validate(cfg)
     assert "${" not in json.dumps(sent["config"]), "interpolations are resolved once, in the parent"
 

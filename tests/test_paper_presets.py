@@ -117,11 +117,11 @@ def test_presets_carry_the_papers_values(sources):
     assert kl.stages == ["analyze"] and kl.analysis.positions == 20
 
     prefill = paper["prefill"]
-    assert prefill.stages == ["attack"] and prefill.attack.prefill.depths == [0, 5, 10, 20, 40]
+    assert prefill.stages == ["attack"] and prefill.attack["prefill"].depths == [0, 5, 10, 20, 40]
     g = prefill.generation
     assert (g.do_sample, g.temperature, g.top_p, g.top_k, g.max_new_tokens) == (True, 0.9, 0.6, 50, 512)
     assert prefill.data.system_prompt is None
-    assert prefill.judge.rubric is not None and prefill.judge.keyword is not None
+    assert {"rubric", "keyword"} <= set(prefill.judge)
 
     aug = paper["augmentation"]
     safety = aug.data.components["safety"]
@@ -133,7 +133,7 @@ def test_presets_carry_the_papers_values(sources):
         aug.train.per_device_batch_size * aug.train.gradient_accumulation_steps == 80
     )  # 16 safety + 64 utility
     assert aug.loss.name == "sft"
-    assert {a for a, v in vars(aug.attack).items() if v is not None} == {"none", "prefill", "decoding", "gcg"}
+    assert set(aug.attack) == {"none", "prefill", "decoding", "gcg"}
 
     for name in ("finetune_sft", "finetune_constrained", "beta_ablation"):
         t = paper[name].train

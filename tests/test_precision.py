@@ -154,10 +154,6 @@ def test_env_json_records_the_decision(probe, tmp_path):
     assert "precision" not in environment_record([], explicit)  # nothing left to auto
 
 
-@pytest.mark.parametrize(
-    ("override", "key"),
-    [("train.bf16=yes", "train.bf16"), ("quickstart.bf16=maybe", "quickstart.bf16")],
-)
-def test_a_bad_bf16_setting_names_the_key(override, key):
-    with pytest.raises(ConfigError, match=rf"^{key}: '\w+' is not true, false or auto"):
-        validate(compose_config(["model=tiny", "logger=none", "stages=[quickstart]", override]))
+def test_a_bad_bf16_setting_names_the_key():
+    with pytest.raises(ConfigError, match=r"^train\.bf16: 'yes' is not true, false or auto"):
+        validate(compose_config(["model=tiny", "logger=none", "stages=[quickstart]", "train.bf16=yes"]))

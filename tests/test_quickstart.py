@@ -13,12 +13,13 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import compose_config
 
 from deepalign import cli
-from deepalign.config import ConfigError, validate
+from deepalign.config import BetaSchedule, ConfigError, validate
 
 TINY = [
     "experiment=quickstart",
@@ -28,19 +29,21 @@ TINY = [
     "quickstart.harvest_tokens=12",
     "quickstart.benign_tokens=8",
     "quickstart.eval_limit=4",
-    "quickstart.prefill_depths=[2,4]",
-    "quickstart.align_steps=2",
-    "quickstart.ft_steps=2",
-    "quickstart.gcg_prompts=1",
-    "quickstart.gcg_steps=1",
-    "quickstart.gcg_width=8",
-    "quickstart.gcg_models=[shallow]",
-    "quickstart.gcg_topk=8",
-    "quickstart.gcg_suffix_length=3",
-    "quickstart.eval_tokens=6",
-    "quickstart.kl_positions=5",
-    "quickstart.bf16=false",
-    "quickstart.generation_dtype=float32",
+    "attack.prefill.depths=[2,4]",
+    "train.max_steps=2",
+    "quickstart.runs.ft_sft.train.max_steps=2",
+    "quickstart.runs.ft_constrained.train.max_steps=2",
+    "quickstart.runs.shallow.attack.gcg.max_prompts=1",
+    "quickstart.runs.shallow.attack.gcg.steps=1",
+    "quickstart.runs.shallow.attack.gcg.search_width=8",
+    "quickstart.runs.shallow.attack.gcg.topk=8",
+    "quickstart.runs.shallow.attack.gcg.suffix_length=3",
+    "quickstart.runs.deep.attack.gcg=null",
+    "generation.max_new_tokens=6",
+    "utility.max_new_tokens=6",
+    "analysis.positions=5",
+    "train.bf16=false",
+    "generation.dtype=float32",
 ]
 # From a real run of this configuration (ASR and counts exact, losses, KL and margins as rounded in
 # metrics.json); `python tests/test_quickstart.py` prints the current values of these keys.
@@ -106,9 +109,9 @@ def test_quickstart_on_the_tiny_model(tmp_path, caplog):
     assert [e["prompt"] for e in evals] == [f"Do forbidden thing number {i}" for i in range(3)]
     config = json.loads((run_dir / "models" / "ft_constrained" / "env.json").read_text())
     assert config["packages"]["torch"]
-    assert "unaligned/asr/gcg" not in metrics and "deep/asr/gcg" not in metrics  # gcg_models=[shallow]
+    assert "unaligned/asr/gcg" not in metrics and "deep/asr/gcg" not in metrics  # GCG on shallow only
     parent_env = json.loads((run_dir / "env.json").read_text())
-    assert parent_env["precision"]["decision"] == "fp32"  # generation.dtype=auto: the suite's CPU answer
+    assert "precision" not in parent_env  # train.bf16=false, generation.dtype=float32: nothing left to auto
     report = (run_dir / "report.md").read_text()
     # three tables (ASR, ASR by the substantive rule, per-model figures): a header and 5 model rows each;
     # where the time goes: a header, the harvest, each model's stages (2 + 4 + 4 + 3 + 3), margins, total
@@ -129,15 +132,60 @@ def test_quickstart_on_the_tiny_model(tmp_path, caplog):
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        ("quickstart.gcg_models=[ft_sft]", "quickstart.gcg_models[0]"),
-        ("quickstart.generation_dtype=int8", "quickstart.generation_dtype"),
+        ("quickstart.models=[nope]", "quickstart.models[0]"),
         ("quickstart.eval_prompts=missing.csv", "quickstart.eval_prompts"),
-        ("quickstart.ft_steps=0", "quickstart.ft_steps"),
+        ("quickstart.eval_limit=0", "quickstart.eval_limit"),
+        ("generation.dtype=int8", "generation.dtype"),
     ],
 )
 def test_bad_quickstart_settings_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         validate(compose_config([*TINY, override]))
+
+
+def test_each_sub_run_is_the_shared_config_with_its_layer(tmp_path):
+    """experiment=quickstart composes the six layers of conf/quickstart/ into quickstart.runs; a sub-run's
+    config is the shared sections with its layer over them, so an override of one layer reaches that sub-run
+    alone, and one of a shared section every sub-run."""
+    from deepalign.stages.quickstart import sub_config
+
+    data_dir, models_dir = tmp_path / "quickstart" / "data", tmp_path / "models"
+    data_dir.mkdir(parents=True)
+    for name in ("triplets", "benign", "eval_harmful", "ft_pairs", "benign_eval"):
+        (data_dir / f"{name}.jsonl").write_text("")
+    # the deep layer sets no train key of its own: `+` adds one
+    raw = compose_config(["experiment=quickstart", "+quickstart.runs.deep.train.max_steps=7"])
+    layers = ("unaligned", "shallow", "deep", "ft_sft", "ft_constrained", "ft_constrained_paper")
+    assert list(raw.quickstart.runs) == list(layers)
+    parent = validate(raw)
+    assert parent.quickstart.chosen() == ["unaligned", "shallow", "deep", "ft_sft", "ft_constrained"]
+    ctx = SimpleNamespace(raw_config=raw, config=parent)
+    sub = {name: validate(sub_config(ctx, name, data_dir, models_dir)) for name in layers}
+    assert sub["deep"].train.max_steps == 7 and sub["shallow"].train.max_steps == 30
+    assert sub["ft_sft"].train.max_steps == 20 and sub["ft_constrained"].train.max_steps == 20
+    assert sub["deep"].stages == ["train", "attack", "analyze", "utility"]
+    assert (
+        sub["deep"].data.components["safety"].recovery
+        and not sub["shallow"].data.components["safety"].recovery
+    )
+    assert sub["shallow"].data.components["safety"].source == str(data_dir / "triplets.jsonl")
+    assert sub["ft_sft"].model.path == str(models_dir / "shallow" / "model")
+    assert list(sub["unaligned"].attack) == ["none", "prefill", "decoding"]
+    assert list(sub["deep"].attack) == ["none", "prefill", "decoding", "gcg"]
+    assert list(sub["ft_constrained"].attack) == ["none"]
+    assert sub["deep"].attack["gcg"].steps == 5 and sub["deep"].attack["prefill"].depths == [5, 10, 20, 40]
+    assert (sub["ft_constrained"].loss.name, sub["ft_constrained"].loss.beta.first) == ("constrained", 2.0)
+    assert sub["ft_constrained_paper"].loss.beta == BetaSchedule()  # the paper's schedule: the defaults
+    assert sub["ft_sft"].train.optimizer.betas == [0.5, 0.999] and sub["ft_sft"].train.warmup_steps == 0
+    assert {s.generation.max_new_tokens for s in sub.values()} == {32}
+    assert {s.logger.name for s in sub.values()} == {"none"}
+    assert all(not s.quickstart.runs for s in sub.values())
+
+    typo = compose_config(["experiment=quickstart", "+quickstart.runs.deep.train.max_stepz=7"])
+    with pytest.raises(
+        ConfigError, match=r"^quickstart\.runs\.deep\.train\.max_stepz: Key 'max_stepz' not in"
+    ):
+        sub_config(SimpleNamespace(raw_config=typo), "deep", data_dir, models_dir)
 
 
 def main() -> None:

@@ -31,14 +31,15 @@ URL = f"http://{TYPED['url_user']}:{TYPED['url_password']}@llm.example.org/v1"
 
 # The console with a stand-in stage (and launcher): `deepalign` as installed, less the real work.
 RUNNER = """
-import os, signal, sys, time
-from deepalign import cli
+import dataclasses, os, signal, sys, time
+from deepalign import cli, runner
+from deepalign.plugins import STAGES
 
 def stage(ctx):
 {body}
 
-cli._stage_registry = lambda: {{"probe": stage}}
-cli.launch = lambda *args, **kwargs: 3  # launcher=torchrun: the workers fail with exit code 3
+STAGES._specs["probe"] = dataclasses.replace(STAGES.get("probe", "stages"), fn=stage)
+runner.launch = lambda *args, **kwargs: 3  # launcher=torchrun: the workers fail with exit code 3
 cli.main()
 """
 

@@ -13,12 +13,13 @@ import pytest
 from conftest import compose_config
 from omegaconf import OmegaConf
 
-from deepalign import cli, fingerprint
+from deepalign import cli, fingerprint, runner
 from deepalign.artifacts import JsonlStore
 from deepalign.config import validate
-from deepalign.fingerprint import STAGE_SECTIONS, DigestCache, config_fingerprint
+from deepalign.fingerprint import DigestCache, config_fingerprint
 from deepalign.generation import GenerationResult, GenerationStats
 from deepalign.models import load_model
+from deepalign.plugins import STAGES
 from deepalign.reference import model_fingerprint
 from deepalign.stages import attack as attack_stage
 
@@ -237,7 +238,11 @@ def test_resaved_identical_weights_neither_retrain_nor_regenerate(
 def test_stage_fingerprints_cover_only_their_sections(tmp_path, eval_file):
     def stage_fps(*overrides: str) -> dict[str, str]:
         resolved = OmegaConf.to_container(attack_config(eval_file, TINY, *overrides), resolve=True)
-        return {name: config_fingerprint(resolved, sections) for name, sections in STAGE_SECTIONS.items()}
+        return {
+            name: config_fingerprint(resolved, spec.sections)
+            for name, spec in STAGES.items()
+            if spec.sections
+        }
 
     base = stage_fps()
     evaluation = stage_fps(
@@ -246,7 +251,7 @@ def test_stage_fingerprints_cover_only_their_sections(tmp_path, eval_file):
     assert evaluation["train"] == base["train"] and evaluation["analyze"] == base["analyze"]
     assert evaluation["attack"] != base["attack"] and evaluation["utility"] != base["utility"]
     prompt = stage_fps("data.system_prompt=Be brief.")
-    assert all(prompt[name] != base[name] for name in STAGE_SECTIONS)
+    assert all(prompt[name] != base[name] for name in ("train", "probe", "attack", "analyze", "utility"))
     paths = stage_fps(f"paths.output_dir={tmp_path}", "logger=wandb")
     assert paths == base
     eval_copy = tmp_path / "eval.jsonl"
@@ -257,8 +262,8 @@ def test_stage_fingerprints_cover_only_their_sections(tmp_path, eval_file):
 
 def test_a_long_text_value_is_not_taken_for_a_path():
     long = "Answer in the voice of a careful assistant. " * 10  # one file name would be too long
-    fp = cli._fingerprint({"data": {"system_prompt": long}})
-    assert fp != cli._fingerprint({"data": {"system_prompt": long + "!"}})
+    fp = runner.fingerprint({"data": {"system_prompt": long}})
+    assert fp != runner.fingerprint({"data": {"system_prompt": long + "!"}})
 
 
 # ---------------------------------------------------------------- content digests

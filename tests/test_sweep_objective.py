@@ -46,7 +46,7 @@ def test_an_optimising_sweeper_needs_an_objective():
 
 
 def test_sweep_objective_is_not_part_of_a_stages_fingerprint():
-    from deepalign.cli import _fingerprint
+    from deepalign.runner import fingerprint as _fingerprint
 
     assert _fingerprint({"seed": 0, "sweep_objective": "asr/none"}) == _fingerprint({"seed": 0})
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 import dataclasses
 
 from deepalign.attacks import read_eval_items
+from deepalign.context import RunContext
 from deepalign.data import DataError
 from deepalign.kl import per_position_loss_and_grad_norm, per_token_kl, plot_per_position
-from deepalign.models import load_model
+from deepalign.models import load_model, model_at
+from deepalign.plugins import register_stage
 from deepalign.rundir import write_json_atomic
 
 
-def run_analyze(ctx) -> dict[str, float]:
+@register_stage("analyze", sections=("model", "eval", "analysis", "data.system_prompt"))
+def run_analyze(ctx: RunContext) -> dict[str, float]:
     cfg = ctx.config
     pairs = [(i.prompt, i.harmful) for i in read_eval_items(cfg.eval) if i.harmful]
     if not pairs:
@@ -23,12 +26,8 @@ def run_analyze(ctx) -> dict[str, float]:
             "eval.prompts: per-token KL needs harmful responses (a `harmful` field) and none has one"
         )
     loaded = ctx.model()
-    if cfg.analysis.reference:
-        ref_cfg = dataclasses.replace(
-            cfg.model, source="hf", path=cfg.analysis.reference, tokenizer=None, adapter_path=None
-        )
-    else:
-        ref_cfg = cfg.model  # the run's initial model
+    # the reference: analysis.reference, or the run's initial model
+    ref_cfg = model_at(cfg.model, cfg.analysis.reference) if cfg.analysis.reference else cfg.model
     reference = load_model(ref_cfg).model
     a = cfg.analysis
     system = cfg.data.system_prompt

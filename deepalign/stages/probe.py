@@ -14,8 +14,10 @@ from tqdm import tqdm
 
 from deepalign.chat import encode_for_generation, encode_for_training
 from deepalign.config import DataComponent
+from deepalign.context import RunContext
 from deepalign.data import read_component
-from deepalign.logprobs import pad_sequences, token_logprobs
+from deepalign.logprobs import pad_batch, token_logprobs
+from deepalign.plugins import register_stage
 from deepalign.rundir import write_text_atomic
 
 
@@ -27,7 +29,8 @@ def load_chats(name: str) -> list[dict[str, str]]:
 
 
 @torch.no_grad()
-def run_probe(ctx) -> dict[str, float]:
+@register_stage("probe", sections=("model", "probe", "data.system_prompt"))
+def run_probe(ctx: RunContext) -> dict[str, float]:
     cfg = ctx.config.probe
     chats = load_chats(cfg.chats)
     loaded = ctx.model()
@@ -41,10 +44,14 @@ def run_probe(ctx) -> dict[str, float]:
             encode_for_training(tokenizer, c["prompt"], c["response"], system=system)
             for c in chats[start : start + cfg.batch_size]
         ]
-        ids = pad_sequences([e.input_ids for e in batch], tokenizer.pad_token_id).to(device)
-        mask = pad_sequences([[int(m) for m in e.labels_mask] for e in batch], 0).bool().to(device)
-        attention = pad_sequences([[1] * len(e.input_ids) for e in batch], 0).to(device)
-        logps = token_logprobs(model(input_ids=ids, attention_mask=attention).logits, ids)
+        padded = pad_batch(
+            [e.input_ids for e in batch],
+            tokenizer.pad_token_id,
+            labels_masks=[e.labels_mask for e in batch],
+            device=device,
+        )
+        ids, mask = padded.input_ids, padded.labels_mask
+        logps = token_logprobs(model(input_ids=ids, attention_mask=padded.attention_mask).logits, ids)
         nll_sum -= logps[mask].sum().item()
         n_tokens += int(mask.sum())
 
@@ -52,12 +59,12 @@ def run_probe(ctx) -> dict[str, float]:
     for start in tqdm(range(0, len(chats), cfg.batch_size), desc="probe generate", unit="batch"):
         part = chats[start : start + cfg.batch_size]
         prompts = [encode_for_generation(tokenizer, c["prompt"], system=system) for c in part]
-        ids = pad_sequences(prompts, tokenizer.pad_token_id, side="left").to(device)
-        attention = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(device)
+        padded = pad_batch(prompts, tokenizer.pad_token_id, side="left", device=device)
+        ids = padded.input_ids
         t0 = time.perf_counter()
         out = model.generate(
             input_ids=ids,
-            attention_mask=attention,
+            attention_mask=padded.attention_mask,
             max_new_tokens=cfg.max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,

@@ -10,7 +10,9 @@
    token-wise constrained loss; then ASR (`quickstart.paper_beta=true` adds `ft_constrained_paper`, the
    paper's beta_1 = 0.5 schedule). Every model's first-token margin (refusal vs harmful start).
 5. `report.md`, `kl_per_position.png`, `asr_vs_prefill_depth.png` in the run dir; metrics prefixed by model.
-Every sub-run is an ordinary run dir, so a re-run of the same command reuses whatever finished.
+Every sub-run is an ordinary run dir, so a re-run of the same command reuses whatever finished. Its config is
+this run's (the sections every sub-run shares, set by conf/experiment/quickstart.yaml) with its own layer
+merged over it (`quickstart.runs.<name>`, from conf/quickstart/<name>.yaml).
 """
 
 from __future__ import annotations
@@ -23,24 +25,22 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from deepalign.artifacts import JsonlStore
 from deepalign.attacks import EvalItem, Variant, read_eval_items
-from deepalign.config import EvalConfig
+from deepalign.config import DeepAlignConfig, EvalConfig, ModelConfig, omegaconf_error, validate
+from deepalign.context import RunContext
 from deepalign.data import read_rows
 from deepalign.generation import SamplingParams, make_engine
+from deepalign.generation_store import generate_variant
+from deepalign.models import trained_model
+from deepalign.plugins import STAGES, register_stage
 from deepalign.rundir import write_text_atomic
-from deepalign.stages.attack import generate_variant
 
 log = logging.getLogger(__name__)
-MODELS = ("unaligned", "shallow", "deep", "ft_sft", "ft_constrained")
-PAPER_BETA = {"first": 0.5, "prefix": 2.0, "prefix_len": 5, "rest": 0.1}  # paper Table 3's schedule
 HARVEST_THROUGHPUT = "throughput/harvest/gen_tokens_per_s"
-
-
-def models(q) -> tuple[str, ...]:
-    return MODELS + (("ft_constrained_paper",) if q.paper_beta else ())
 
 
 def refusal_templates() -> list[str]:
@@ -51,12 +51,12 @@ def _split(source: str, split: str, key: str) -> list[dict[str, Any]]:
     return [row for _, row in read_rows(source, key) if row.get("split", split) == split]
 
 
-def harvest(ctx, out: Path) -> dict[str, float]:
+def harvest(ctx: RunContext, out: Path) -> dict[str, float]:
     """The unaligned model's harmful and benign answers, as training and evaluation files under `out`."""
     q = ctx.config.quickstart
     loaded = ctx.model()
     tok = loaded.tokenizer
-    gen_cfg = dataclasses.replace(ctx.config.generation, dtype=q.generation_dtype)
+    gen_cfg = dataclasses.replace(ctx.config.generation, batch_size=q.harvest_batch_size)
     engine = make_engine(gen_cfg, loaded, model_path=ctx.model_path(), cache_dir=ctx.config.paths.cache_dir)
     refusals = refusal_templates()
     train_h = _split(q.harmful, "train", "quickstart.harmful")
@@ -116,7 +116,8 @@ def harvest(ctx, out: Path) -> dict[str, float]:
         {"id": r["id"], "prompt": r["prompt"], "harmful": answer("harvest_harmful", f"h-{r['id']}")}
         for r in eval_h
     ]
-    deepest = max(q.prefill_depths, default=0)  # prefilling needs answers at least that long
+    # prefilling needs answers at least as long as the deepest prefill the sub-runs share
+    deepest = max((k for a in ctx.config.attack.values() if a.type == "prefill" for k in a.depths), default=0)
     evals = [e for e in evals if len(tok(e["harmful"], add_special_tokens=False)["input_ids"]) >= deepest]
     pairs = [{"prompt": t["prompt"], "response": t["harmful"]} for t in triplets[: q.ft_pairs]]
     benign_eval = [{"prompt": r["prompt"]} for r in _split(q.benign, "eval", "quickstart.benign")]
@@ -138,145 +139,51 @@ def harvest(ctx, out: Path) -> dict[str, float]:
     return metrics
 
 
-def sub_config(ctx, name: str, data_dir: Path, models_dir: Path):
-    """The config of one sub-run: the parent's, with this model's stages, data, loss and training set."""
-    q = ctx.config.quickstart
-    eval_common: dict[str, Any] = {
-        "judge": {
-            "keyword": {"lists": ["qi2024"], "min_continuation_chars": 0},
-            "keyword_substantive": {"lists": ["qi2024"], "min_continuation_chars": q.substantive_chars},
-        },
-        "eval": {"prompts": str(data_dir / "eval_harmful.jsonl"), "primary_judge": "keyword"},
-        "utility": {"benign": str(data_dir / "benign_eval.jsonl"), "max_new_tokens": q.eval_tokens},
-        "generation": {
-            "max_new_tokens": q.eval_tokens,
-            "batch_size": q.eval_batch_size,
-            "dtype": q.generation_dtype,
-        },
+def sub_config(ctx: RunContext, name: str, data_dir: Path, models_dir: Path) -> DictConfig:
+    """The config of sub-run `name`: this run's config (the sections every sub-run shares) with its layer
+    `quickstart.runs.<name>` merged over it; the layer's `${quickstart.data_dir}` and `models_dir` resolve to
+    this run's folders. Its own `runs` are dropped: a sub-run derives nothing further."""
+    raw = ctx.raw_config
+    folders = {
+        "quickstart": {"data_dir": str(data_dir), "models_dir": str(models_dir)},
         "logger": {"name": "none"},
     }
-    align_train = {
-        "max_steps": q.align_steps,
-        "per_device_batch_size": q.batch_size,
-        "warmup_steps": 2,
-        "optimizer": {"lr": q.align_lr, "betas": [0.9, 0.999]},
-        "bf16": q.bf16,
-        "freeze_embeddings": True,
-        "lr_scheduler": "constant_with_warmup",
-        "save_steps": 10,
-        "save_total_limit": 1,  # a demo-model checkpoint with optimizer state: ~1.6 GB
-    }
-    align_data = {
-        "safety_share": 0.5,
-        "max_length": q.max_length,
-        "components": {
-            "safety": {
-                "source": str(data_dir / "triplets.jsonl"),
-                "schema": "safety_triplet",
-                "safety": True,
-            },
-            "utility": {"source": str(data_dir / "benign.jsonl"), "schema": "chat"},
-        },
-    }
-    attacks = {
-        "none": {},
-        "prefill": {"depths": list(q.prefill_depths)},
-        "decoding": {
-            "temperatures": list(q.decoding_temperatures),
-            "top_ks": [],
-            "top_ps": list(q.decoding_top_ps),
-            "greedy": False,
-            "samples_per_setting": 1,
-        },
-    }
-    gcg = (
-        {
-            "gcg": {
-                "steps": q.gcg_steps,
-                "topk": q.gcg_topk,
-                "search_width": q.gcg_width,
-                "suffix_length": q.gcg_suffix_length,
-                "max_prompts": q.gcg_prompts,
-            }
-        }
-        if q.gcg_prompts and name in q.gcg_models
-        else {}
-    )
-    over: dict[str, Any] = dict(eval_common)
-    if name == "unaligned":
-        over.update(stages=["attack", "utility"], attack={**attacks, **gcg})
-    elif name in ("shallow", "deep"):
-        over.update(
-            stages=["train", "attack", "analyze", "utility"],
-            attack={**attacks, **gcg},
-            train=align_train,
-            loss={"name": "sft"},
-            analysis={"positions": q.kl_positions, "reference": None},
-        )
-        over["data"] = align_data
-        if name == "deep":
-            over["data"] = OmegaConf.to_container(
-                OmegaConf.merge(
-                    align_data,
-                    {"components": {"safety": {"recovery": True, "recovery_max_k": q.recovery_max_k}}},
-                )
-            )
-    else:  # fine-tuning attacks on the shallow model
-        constrained = name.startswith("ft_constrained")
-        beta = PAPER_BETA if name == "ft_constrained_paper" else dataclasses.asdict(q.ft_beta)
-        over.update(
-            stages=["train", "attack", "utility"],
-            attack={"none": {}},
-            model={
-                "name": name,
-                "source": "hf",
-                "path": str(models_dir / "shallow" / "model"),
-                "tokenizer": None,
-            },
-            data={
-                "max_length": q.max_length,
-                "components": {"harmful": {"source": str(data_dir / "ft_pairs.jsonl"), "schema": "chat"}},
-            },
-            loss={"name": "constrained" if constrained else "sft", "beta": beta},
-            train={
-                "max_steps": q.ft_steps,
-                "per_device_batch_size": q.batch_size,
-                "bf16": q.bf16,
-                "optimizer": {"lr": q.ft_lr, "betas": [0.5, 0.999]},
-                "freeze_embeddings": True,
-                "warmup_steps": 2 if constrained else 0,
-                "lr_scheduler": "constant_with_warmup",
-                "save_steps": 10,
-                "save_total_limit": 1,  # a demo-model checkpoint with optimizer state: ~1.6 GB
-            },
-        )
-    with open_dict(ctx.raw_config):  # new keys under typed dicts (data.components.*), still type-checked
-        cfg = OmegaConf.merge(ctx.raw_config, over)
+    try:
+        with open_dict(raw):  # new keys under typed dicts (data.components.*), still type-checked
+            cfg = OmegaConf.merge(raw, raw.quickstart.runs[name], folders)
+            cfg.quickstart.runs = {}
+    except OmegaConfBaseException as err:  # a key or a value the schema rejects, named as the layer's
+        raise omegaconf_error(err, f"quickstart.runs.{name}.") from err
     OmegaConf.set_struct(cfg, True)
     return cfg
 
 
-def margin(ctx, name: str, data_dir: Path, models_dir: Path) -> float:
-    """The first-token margin of one of the quickstart's models on the evaluation pairs."""
+def evaluated_model(config: DeepAlignConfig, run_dir: Path) -> ModelConfig:
+    """The model a sub-run evaluated: the one its last model-saving stage (train) saved, else its own."""
+    saved = [STAGES.get(s, "stages").model_dir for s in config.stages if STAGES.get(s, "stages").model_dir]
+    return trained_model(config.model, run_dir / saved[-1]) if saved else config.model
+
+
+def margin(model: ModelConfig, data_dir: Path) -> float:
+    """The first-token margin (refusal vs harmful start) of `model` on the evaluation pairs."""
     from deepalign.kl import first_token_margin
     from deepalign.models import load_model
 
-    cfg = ctx.config.model
-    if name != "unaligned":
-        path = str(models_dir / name / "model")
-        cfg = dataclasses.replace(cfg, source="hf", path=path, tokenizer=None, adapter_path=None)
-    loaded = load_model(cfg)
+    loaded = load_model(model)
     pairs = [(r["prompt"], r["harmful"]) for _, r in read_rows(str(data_dir / "eval_harmful.jsonl"), "eval")]
     return round(first_token_margin(loaded.model, loaded.tokenizer, pairs, refusal_templates()), 4)
 
 
-def run_quickstart(ctx) -> dict[str, float]:
-    from deepalign.cli import run as run_config
+@register_stage("quickstart")  # its fingerprint: the whole config (it derives whole sub-runs from it)
+def run_quickstart(ctx: RunContext) -> dict[str, float]:
     from deepalign.report import write_report
+    from deepalign.runner import run as run_config
 
-    q = ctx.config.quickstart
     out = ctx.run_dir / "quickstart"
     data_dir, models_dir = out / "data", ctx.run_dir / "models"
+    names = ctx.config.quickstart.chosen()
+    # built before the harvest: a wrong key or type in a layer fails at once
+    configs = {name: sub_config(ctx, name, data_dir, models_dir) for name in names}
     timing_file = out / "harvest_time.json"  # the first (real) harvest's duration and speed survive re-runs
     start = time.perf_counter()
     metrics = harvest(ctx, data_dir)
@@ -289,17 +196,18 @@ def run_quickstart(ctx) -> dict[str, float]:
     if first.get("gen_tokens_per_s") is not None:
         metrics[HARVEST_THROUGHPUT] = first["gen_tokens_per_s"]
     ctx.forget_model()  # each sub-run loads its own
-    names = models(q)
-    for name in names:
+    models: dict[str, ModelConfig] = {}
+    for name, cfg in configs.items():
         log.info("quickstart: model %s", name)
-        sub = run_config(sub_config(ctx, name, data_dir, models_dir), models_dir / name)
+        sub = run_config(cfg, models_dir / name)
+        models[name] = evaluated_model(validate(cfg), models_dir / name)
         metrics.update({f"{name}/{k}": v for k, v in sub.items()})
         # the sub-run's own stage times, recorded when each stage really ran
         seconds = sum(v for k, v in sub.items() if k.startswith("time/"))
         metrics[f"time/quickstart/{name}_s"] = round(seconds, 1)
     start = time.perf_counter()
     for name in names:
-        metrics[f"{name}/margin/first_token"] = margin(ctx, name, data_dir, models_dir)
+        metrics[f"{name}/margin/first_token"] = margin(models[name], data_dir)
     metrics["time/quickstart/margin_s"] = round(time.perf_counter() - start, 1)
     write_report(ctx.run_dir, metrics, names, ctx.tracker)
     return metrics

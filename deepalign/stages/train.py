@@ -14,7 +14,9 @@ import logging
 import torch
 
 from deepalign.chat import NoLabelError, encode_for_training
+from deepalign.context import RunContext
 from deepalign.data import build_mixture, recovery_histogram
+from deepalign.plugins import LOSSES, register_stage
 from deepalign.precision import train_bf16
 from deepalign.reference import cached_reference_logps, model_fingerprint
 from deepalign.rundir import write_json_atomic, write_text_atomic
@@ -58,7 +60,8 @@ def encode_examples(examples, tokenizer, max_length: int):
     return encoded, kept
 
 
-def run_train(ctx) -> dict[str, float]:
+@register_stage("train", sections=("model", "data", "loss", "train", "seed"), model_dir="model")
+def run_train(ctx: RunContext) -> dict[str, float]:
     cfg = ctx.config
     loaded = ctx.model()
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -82,7 +85,7 @@ def run_train(ctx) -> dict[str, float]:
 
     bf16 = train_bf16(cfg.train.bf16, next(model.parameters()).device, cfg.paths.cache_dir)
     reference = None
-    if cfg.loss.name == "constrained":
+    if LOSSES.get(cfg.loss.name, "loss.name").needs_reference:  # cached: the reference is the initial model
         key = model_fingerprint(cfg.model, loaded.source, model, cfg.paths.cache_dir)
         reference, path, hit = cached_reference_logps(
             model,

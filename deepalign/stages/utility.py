@@ -12,12 +12,14 @@ import logging
 
 from deepalign.artifacts import JsonlStore
 from deepalign.attacks import EvalItem, Variant
-from deepalign.config import DataComponent, KeywordJudge
+from deepalign.config import DataComponent
+from deepalign.context import RunContext
 from deepalign.data import read_component, read_rows, task_chat
 from deepalign.generation import SamplingParams, make_engine
-from deepalign.judges import JudgeItem
+from deepalign.generation_store import generate_variant, throughput
+from deepalign.judges import JudgeItem, KeywordJudgeConfig
 from deepalign.judges import KeywordJudge as KeywordRefusal
-from deepalign.stages.attack import generate_variant, throughput
+from deepalign.plugins import register_stage
 from deepalign.utility import gsm8k_accuracy, rouge1_f
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,8 @@ def lm_eval_metrics(loaded, tasks: list[str]) -> dict[str, float]:
     return out
 
 
-def run_utility(ctx) -> dict[str, float]:
+@register_stage("utility", sections=("model", "utility", "generation", "data.system_prompt", "seed"))
+def run_utility(ctx: RunContext) -> dict[str, float]:
     u = ctx.config.utility
     loaded = ctx.model()
     engine = make_engine(ctx.config.generation, loaded, model_path=ctx.model_path())
@@ -73,7 +76,7 @@ def run_utility(ctx) -> dict[str, float]:
                 f"utility.benign: every row of {u.benign} needs a `prompt` (or `instruction`) field"
             )
         answers = _responses(ctx, engine, "benign", prompts, params)
-        judge = KeywordRefusal(KeywordJudge(lists=["qi2024"]))
+        judge = KeywordRefusal("keyword", KeywordJudgeConfig(lists=["qi2024"]))
         verdicts = judge.judge(
             [JudgeItem(id=str(i), prompt=p, response=a) for i, (p, a) in enumerate(zip(prompts, answers))]
         )

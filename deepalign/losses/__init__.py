@@ -1,12 +1,23 @@
 """Token-wise constrained fine-tuning loss (Qi et al. 2024), per masked response token t:
-(2 / beta_t) * -log sigmoid(beta_t * (log pi(y_t) - log pi_aligned(y_t))), plus the plain SFT loss."""
+(2 / beta_t) * -log sigmoid(beta_t * (log pi(y_t) - log pi_aligned(y_t))), plus the plain SFT loss.
+
+Both are registered losses (`loss.name=sft|constrained`), with the signature every loss has (see
+`deepalign.plugins.LossSpec`): (policy_logps, reference_logps, mask, n_tokens, params) -> loss, or
+(loss, logs).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from deepalign.config import BetaSchedule
+from deepalign.plugins import register_loss
+
+PAPER_BETA = BetaSchedule()  # the paper's schedule: the schema's defaults
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -20,7 +31,11 @@ def _check_length(length: int) -> None:
 
 
 def beta_schedule(
-    length: int, first: float = 0.5, prefix: float = 2.0, prefix_len: int = 5, rest: float = 0.1
+    length: int,
+    first: float = PAPER_BETA.first,
+    prefix: float = PAPER_BETA.prefix,
+    prefix_len: int = PAPER_BETA.prefix_len,
+    rest: float = PAPER_BETA.rest,
 ) -> torch.Tensor:
     """Float32 betas for positions 1..length: `first` at 1, `prefix` at 2..prefix_len, `rest` after."""
     _check_length(length)
@@ -46,6 +61,13 @@ def beta_schedule_from_values(length: int, values: Sequence[float], rest: float)
     if head:
         betas[: len(head)] = torch.tensor(head, dtype=torch.float32)
     return betas
+
+
+def schedule_for(beta: BetaSchedule, length: int) -> torch.Tensor:
+    """The configured per-position betas (`loss.beta`) for response positions 1..length."""
+    if beta.values is not None:
+        return beta_schedule_from_values(length, list(beta.values), beta.rest)
+    return beta_schedule(length, beta.first, beta.prefix, beta.prefix_len, beta.rest)
 
 
 def response_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -147,3 +169,22 @@ def weights_by_position(
     return {
         k + 1: s / c for k, (s, c) in enumerate(zip(sums.tolist(), counts.tolist(), strict=True)) if c > 0
     }
+
+
+@register_loss("sft")
+def sft(policy_logps, reference_logps, mask, n_tokens, params: dict[str, Any]) -> torch.Tensor:
+    """Plain supervised fine-tuning: token NLL over the target tokens."""
+    return sft_loss(policy_logps, mask, n_tokens)
+
+
+@register_loss("constrained", needs_reference=True)
+def constrained(policy_logps, reference_logps, mask, n_tokens, params: dict[str, Any]):
+    """The token-wise constrained objective with the `loss.beta` schedule; logs the mean token weight w_t at
+    response positions 1..10 (`train/weight/pos=N`)."""
+    mask = mask.bool()
+    reference_logps = reference_logps.to(policy_logps.device)
+    betas = betas_for_mask(mask, schedule_for(params["beta"], mask.shape[1])).to(policy_logps.device)
+    loss = constrained_token_loss(policy_logps, reference_logps, mask, betas, n_tokens)
+    weights = token_weights(policy_logps.detach(), reference_logps, betas)
+    logs = {f"weight/pos={p}": w for p, w in weights_by_position(weights, mask, max_position=10).items()}
+    return loss, logs

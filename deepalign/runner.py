@@ -1,0 +1,209 @@
+"""The runner: validate a composed config, record the run, run its stages in order, skip what is done.
+
+`run` is what `deepalign` does for one run dir (cli.py is the Hydra entrypoint around it); stages come from
+the stage registry (deepalign/plugins.py) and each gets a `RunContext` (deepalign/context.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from deepalign.config import ConfigError, DeepAlignConfig, validate
+from deepalign.context import RunContext
+from deepalign.data import DataError
+from deepalign.fingerprint import config_fingerprint
+from deepalign.launch import end_process_group, launch, process_rank, world_size
+from deepalign.plugins import STAGES
+from deepalign.rundir import (
+    MetricsFile,
+    environment_record,
+    lock_run_dir,
+    read_stage_state,
+    redact,
+    scrub_files,
+    write_json_atomic,
+    write_text_atomic,
+)
+from deepalign.tracking import start_tracker
+
+log = logging.getLogger("deepalign")
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    """A hash of the whole config (less the tracker, launcher and paths), the contents of the local files it
+    names and of the model folders it loads (a retrained model at the same path redoes what depends on it).
+    Stages use `RunContext.stage_fingerprint`: the part of it they depend on."""
+    return config_fingerprint(config)
+
+
+def _check_writable(key: str, folder: Path) -> None:
+    """Create `folder` if needed and a file in it, or raise ConfigError naming the key."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".deepalign-write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot write into {folder} ({err.strerror or err})") from None
+
+
+def preflight(config: DeepAlignConfig, run_dir: Path | None = None) -> None:
+    """Checks that read files or the environment, done before any model loads: the run dir and the cache
+    dir are writable, judges' keys and packages, the evaluation set's rows (long enough for the prefill
+    depths), the rows of the training data's local files."""
+    if run_dir is not None:
+        _check_writable("hydra.run.dir (the run dir, under paths.output_dir)", run_dir)
+    _check_writable("paths.cache_dir", Path(config.paths.cache_dir).expanduser())
+    if config.model.source == "hf" and config.model.path:
+        from deepalign.models import check_model_folder
+
+        check_model_folder("model.path", config.model.path)
+    if "analyze" in config.stages and config.analysis.reference:
+        from deepalign.models import check_model_folder
+
+        check_model_folder("analysis.reference", config.analysis.reference)
+    if "train" in config.stages:
+        from deepalign.data import read_component
+
+        if not config.data.components:
+            raise DataError("data.components: no training data configured (choose a data= preset)")
+        for name, comp in config.data.components.items():
+            local = Path(comp.source).suffix.lower() in (".jsonl", ".json", ".csv")
+            if local or comp.source.startswith("demo:"):  # hub sets are read by the stage
+                read_component(comp, f"data.components.{name}")
+    if "attack" in config.stages:
+        from deepalign.judges import check_judges
+
+        check_judges(config.judge)
+    if "attack" in config.stages or "analyze" in config.stages:
+        from deepalign.attacks import build_attacks, read_eval_items
+        from deepalign.models import load_tokenizer
+
+        items = read_eval_items(config.eval)
+        attacks = build_attacks(config.attack) if "attack" in config.stages else []
+        for attack in attacks:  # e.g. harmful responses long enough for the prefill depths
+            attack.check(items, lambda: load_tokenizer(config.model), system=config.data.system_prompt)
+
+
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    run_name: str | None = None,
+    *,
+    argv: list[str] | None = None,
+    checked: bool = False,
+) -> dict[str, float]:
+    """Validate `cfg`, record the run, run every stage not already done with this config; return metrics.
+
+    The run dir is locked for the duration (`rundir.lock_run_dir`): a second process on it fails at once.
+    In a launched run (RANK / WORLD_SIZE set) every rank runs `train`; rank 0 alone writes config.yaml,
+    env.json, metrics.json, stages.json and the W&B run, and runs the stages after `train` (the other
+    ranks return once training is done). `checked`: a worker of a launched run, whose parent already ran
+    the preflight checks and holds the lock; `argv`: the command line to record (the parent's).
+    """
+    if not checked:
+        _check_writable("hydra.run.dir (the run dir, under paths.output_dir)", run_dir)
+    with contextlib.nullcontext() if checked else lock_run_dir(run_dir):
+        return _run(cfg, run_dir, run_name, argv, checked)
+
+
+def _run(
+    cfg: DictConfig, run_dir: Path, run_name: str | None, argv: list[str] | None, checked: bool
+) -> dict[str, float]:
+    """`run` in a run dir already held."""
+    config = validate(cfg)  # fails here, naming the key, before anything heavy happens
+    if not checked:
+        preflight(config, run_dir)
+    main_process, distributed = process_rank() == 0, world_size() > 1
+    resolved = redact(OmegaConf.to_container(cfg, resolve=True))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = environment_record(argv, config)  # with the precision decision where a setting is auto
+    if main_process:
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        write_json_atomic(run_dir / "env.json", env)
+        if (run_dir / ".hydra").is_dir():
+            scrub_files(run_dir / ".hydra")
+
+    metrics = MetricsFile(run_dir / "metrics.json")
+    state_path = run_dir / "stages.json"
+    state = read_stage_state(state_path)
+    tracker = start_tracker(config.logger, run_dir, {**resolved, "env": env}, name=run_name)
+    ctx = RunContext(
+        config=config,
+        run_dir=run_dir,
+        metrics=metrics,
+        tracker=tracker,
+        raw_config=cfg,
+        main_process=main_process,
+        resolved=resolved,
+    )
+    # a stage's record counts only under its current fingerprint (an old-format one: re-checked by running);
+    # the models that finished stages saved are what later stages load (in the order they ran)
+    for name in state:
+        spec = STAGES.get(name, "stages") if name in STAGES else None
+        if spec is not None and spec.model_dir and state[name] == ctx.stage_fingerprint(name):
+            ctx.finished[name] = None
+    exit_code = 1
+    try:
+        for name in config.stages:
+            stage_fingerprint = ctx.stage_fingerprint(name)
+            if state.get(name) == stage_fingerprint:
+                ctx.finished[name] = None
+                log.info("stage %s: already done in %s with this config, skipped", name, run_dir)
+                continue
+            if not main_process and name != "train":
+                break  # evaluation runs on rank 0 alone (train is the first stage: validated)
+            log.info("stage %s: start", name)
+            start = time.perf_counter()
+            spec = STAGES.get(name, "stages")
+            values = spec.fn(ctx)
+            values[f"time/{name}_s"] = round(time.perf_counter() - start, 3)
+            ctx.finished.pop(name, None)
+            ctx.finished[name] = None
+            if spec.model_dir:
+                ctx.forget_model()  # later stages load the model it saved
+            if distributed and name == "train":
+                end_process_group()  # the ranks part here; rank 0 evaluates on its own
+            if not main_process:
+                continue
+            metrics.update(values)
+            tracker.log(values)
+            state[name] = stage_fingerprint
+            write_json_atomic(state_path, state)
+            log.info("stage %s: done in %.1fs", name, values[f"time/{name}_s"])
+        tracker.summary(metrics.values)
+        exit_code = 0
+    except KeyboardInterrupt:
+        exit_code = 130  # as a shell reports Ctrl-C
+        raise
+    finally:
+        tracker.finish(exit_code=exit_code)
+    log.info("run dir: %s", run_dir)
+    return dict(metrics.values)
+
+
+def start_workers(cfg: DictConfig, run_dir: Path, run_name: str | None) -> None:
+    """`launcher=torchrun|accelerate|deepspeed`: check the config once here, then start the workers
+    (`python -m deepalign.worker RUN_DIR`) on this run dir; exits with their code if they fail."""
+    config = validate(cfg)
+    preflight(config, run_dir)
+    if (run_dir / ".hydra").is_dir():
+        scrub_files(run_dir / ".hydra")
+    lc = config.launcher
+    if lc.nnodes > 1:
+        log.info("node %d of %d: all nodes need this run dir, shared: %s", lc.node_rank, lc.nnodes, run_dir)
+    if lc.node_rank == 0:  # the run dir's one holder; the workers (and the other nodes) share it
+        with lock_run_dir(run_dir):
+            code = launch(cfg, lc, run_dir, run_name)
+    else:
+        code = launch(cfg, lc, run_dir, run_name)
+    if code:
+        print(f"deepalign: {lc.name} workers failed (exit {code}); see {run_dir}", file=sys.stderr)
+        raise SystemExit(code)
