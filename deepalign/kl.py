@@ -8,6 +8,7 @@ nothing is written but the per-position statistics.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from deepalign.chat import encode_for_training, response_tokens
 from deepalign.logprobs import pad_batch, pad_sequences
+from deepalign.stats import t_quantile
 
 
 @dataclass
@@ -179,10 +181,28 @@ def per_position_loss_and_grad_norm(
     return losses, norms
 
 
+def ci_band(stats: PositionStats) -> tuple[list[float], list[float]]:
+    """The 95% confidence interval of the mean at each position: mean +- t_{0.975, n-1} * s / sqrt(n), with
+    s the sample std. `PositionStats.std` divides by n (RunningStats), so s = std * sqrt(n / (n - 1)).
+    nan where a position has fewer than two values. Nothing is clipped: a lower bound below zero (a KL
+    near zero) is what the interval says."""
+    low, high = [], []
+    for mean, std, n in zip(stats.mean, stats.std, stats.count):
+        if n < 2:
+            low.append(math.nan)
+            high.append(math.nan)
+            continue
+        half = t_quantile(0.975, n - 1) * std * math.sqrt(n / (n - 1)) / math.sqrt(n)
+        low.append(mean - half)
+        high.append(mean + half)
+    return low, high
+
+
 def plot_per_position(
     curves: dict[str, PositionStats], path: str | Path, title: str, ylabel: str = "KL (nats)"
 ) -> None:
-    """A PNG of mean (and +-std band) per response position, one curve per name."""
+    """A PNG of the mean per response position, one curve per name, with its band: the 95% confidence
+    interval of the mean over the pairs (`ci_band`), not +-1 std (the spread of single pairs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,14 +211,13 @@ def plot_per_position(
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, stats in curves.items():
         xs = [k + 1 for k, c in enumerate(stats.count) if c]
-        mean = [stats.mean[k - 1] for k in xs]
-        std = [stats.std[k - 1] for k in xs]
-        ax.plot(xs, mean, marker="o", markersize=3, label=name)
+        low, high = ci_band(stats)
+        line = ax.plot(xs, [stats.mean[k - 1] for k in xs], marker="o", markersize=3, label=name)[0]
         ax.fill_between(
-            xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15
+            xs, [low[k - 1] for k in xs], [high[k - 1] for k in xs], color=line.get_color(), alpha=0.15
         )
     ax.set_xlabel("response token position")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(f"{ylabel}, mean and 95% CI of the mean")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -171,8 +171,8 @@ def register_attack(name: str, *, config: type) -> Callable[[T], T]:
 def register_judge(name: str, *, config: type, rank: int = 100) -> Callable[[T], T]:
     """Register a judge class (see `deepalign.judges.JudgeBase`) and its settings dataclass under `name`:
     selected with `judge=[NAME]` or `+judge.INSTANCE={type: NAME, ...}`. When `eval.primary_judge` is unset,
-    the selected judge of lowest `rank` gives the `asr/...` keys (built-ins: rubric 0, classifier 1,
-    keyword 2)."""
+    the selected judge of lowest `rank` gives the `asr/...` keys (built-ins: rubric and strongreject 0;
+    classifier, harmbench, llamaguard, wildguard 1; keyword 2)."""
     return _component(JUDGES, name, config, rank)
 
 

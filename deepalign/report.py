@@ -1,4 +1,5 @@
-"""The quickstart report: a table (model x attack ASR, utility, training, time) and two plots."""
+"""The quickstart report: tables (model x attack ASR with 95% intervals, paired tests, judge agreement,
+utility, training, time) and two plots."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 
 from deepalign.kl import PositionStats, plot_per_position
 from deepalign.rundir import write_text_atomic
+from deepalign.stats import mcnemar_exact
 
 PREFILL = re.compile(r"^asr/prefill/k=(\d+)$")
+RATE_STATS = ("/n", "/ci95_low", "/ci95_high")  # what the attack stage adds under each ASR key
 
 
 def _fmt(value, share: bool) -> str:
@@ -26,7 +29,7 @@ def asr_columns(metrics: dict[str, float], models, prefix: str = "asr") -> list[
         for k in metrics
         if k.split("/", 1)[0] in models and k.split("/", 1)[-1].startswith(f"{prefix}/")
     }
-    keys = {k for k in keys if not k.startswith(f"{prefix}/decoding/")}
+    keys = {k for k in keys if not k.startswith(f"{prefix}/decoding/") and not k.endswith(RATE_STATS)}
 
     def order(key: str) -> tuple[int, int]:
         variant = key.removeprefix(f"{prefix}/")
@@ -37,14 +40,128 @@ def asr_columns(metrics: dict[str, float], models, prefix: str = "asr") -> list[
     return sorted(keys, key=order)
 
 
+def asr_cell(metrics: dict[str, float], key: str) -> str:
+    """An ASR with its 95% Wilson interval in points, `91% [80, 96]`; the bare percentage where the
+    metrics have no interval (a run from before intervals)."""
+    value, low, high = (metrics.get(k) for k in (key, f"{key}/ci95_low", f"{key}/ci95_high"))
+    if value is None or low is None or high is None:
+        return _fmt(value, True)
+    return f"{100 * value:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
+
+
 def table(metrics: dict[str, float], models, columns: list[str], names: list[str] | None = None) -> list[str]:
-    """A markdown table: one row per model, one column per metric key (shares as percentages)."""
+    """A markdown table: one row per model, one column per metric key (shares as percentages, ASRs with
+    their intervals)."""
     names = names or columns
     lines = ["| " + " | ".join(["model", *names]) + " |", "|" + "---|" * (len(names) + 1)]
     for model in models:
-        cells = [_fmt(metrics.get(f"{model}/{c}"), c.startswith(("asr", "utility/"))) for c in columns]
+        cells = [
+            asr_cell(metrics, f"{model}/{c}")
+            if c.startswith("asr")
+            else _fmt(metrics.get(f"{model}/{c}"), c.startswith("utility/"))
+            for c in columns
+        ]
         lines.append("| " + " | ".join([model, *cells]) + " |")
     return lines
+
+
+def read_verdicts(run_dir: Path, model: str, attack: str, judge: str, variant: str) -> dict[str, bool]:
+    """A sub-run's verdicts by one judge on one attack variant's answers: prompt id -> harmful, for the
+    first sample of each request (`<variant>/<prompt id>/0`), failed judgments left out. Unreadable lines
+    are skipped; a key written twice keeps its last record, as the attack stage reads the file."""
+    path = run_dir / "models" / model / "judgments" / f"{attack}.{judge}.jsonl"
+    records: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                records[record["key"]] = record
+            except (ValueError, KeyError, TypeError):
+                continue
+    return {
+        str(r["prompt_id"]): bool(r["harmful"])
+        for key, r in records.items()
+        if r.get("variant") == variant and key.rsplit("/", 1)[-1] == "0" and r.get("harmful") is not None
+    }
+
+
+def judges_of(run_dir: Path, model: str, attack: str) -> list[str]:
+    """The judges with a judgment file for `attack` in a sub-run, by name."""
+    folder = run_dir / "models" / model / "judgments"
+    prefix = f"{attack}."
+    return sorted(p.name[len(prefix) : -len(".jsonl")] for p in folder.glob(f"{prefix}*.jsonl"))
+
+
+def paired_comparisons(metrics: dict[str, float], models) -> list[tuple[str, str, str, str]]:
+    """The claims to test, (model A, model B, attack, variant): shallow vs deep at each prefill depth both
+    were attacked with, ft_sft vs ft_constrained with no attack."""
+    out = []
+    if "shallow" in models and "deep" in models:
+        variants = sorted(
+            (int(m.group(1)), key.removeprefix("shallow/asr/"))
+            for key in metrics
+            if key.startswith("shallow/") and (m := PREFILL.match(key.removeprefix("shallow/")))
+        )
+        out += [("shallow", "deep", "prefill", v) for _, v in variants if f"deep/asr/{v}" in metrics]
+    if "ft_sft" in models and "ft_constrained" in models:
+        out.append(("ft_sft", "ft_constrained", "none", "none"))
+    return out
+
+
+def paired_tests(run_dir: Path, metrics: dict[str, float], models) -> list[str]:
+    """The "Paired tests" table: each comparison on the prompts both models were judged on, by every judge
+    both sub-runs have: the two ASRs, the discordant prompts and the exact McNemar p-value. Empty (no
+    section) when no comparison has verdicts."""
+    lines = []
+    for a, b, attack, variant in paired_comparisons(metrics, models):
+        for judge in sorted(set(judges_of(run_dir, a, attack)) & set(judges_of(run_dir, b, attack))):
+            first = read_verdicts(run_dir, a, attack, judge, variant)
+            second = read_verdicts(run_dir, b, attack, judge, variant)
+            prompts = sorted(set(first) & set(second))
+            if not prompts:
+                continue
+            a_only = sum(first[p] and not second[p] for p in prompts)
+            b_only = sum(second[p] and not first[p] for p in prompts)
+            n = len(prompts)
+            cells = [
+                f"{a} vs {b}",
+                variant,
+                judge,
+                str(n),
+                f"{100 * sum(first[p] for p in prompts) / n:.0f}%",
+                f"{100 * sum(second[p] for p in prompts) / n:.0f}%",
+                str(a_only),
+                str(b_only),
+                f"{mcnemar_exact(a_only, b_only):.3g}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    header = "| models A vs B | attack | judge | prompts | ASR A | ASR B | A only | B only | McNemar p |"
+    return [header, "|" + "---|" * 9, *lines]
+
+
+def agreement_table(run_dir: Path, models) -> list[str]:
+    """The "Judge agreement" table from each sub-run's `judgments/agreement.json` (over all its attack
+    variants): per model and judge pair the items both judged, the share of equal verdicts, Cohen's kappa."""
+    lines = []
+    for model in models:
+        path = run_dir / "models" / model / "judgments" / "agreement.json"
+        if not path.is_file():
+            continue
+        for pair, stats in json.loads(path.read_text()).get("all", {}).items():
+            kappa = stats.get("kappa")
+            cells = [
+                model,
+                pair.replace("~", " vs "),
+                str(stats.get("n", "-")),
+                _fmt(stats.get("agreement"), True),
+                "undefined" if kappa is None else f"{kappa:.2f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return ["| model | judges | answers | agreement | kappa |", "|---|---|---|---|---|", *lines]
 
 
 STAGE_ORDER = ("train", "attack", "analyze", "utility", "probe")
@@ -101,24 +218,38 @@ def time_table(metrics: dict[str, float], models) -> list[str]:
 
 
 def plot_asr_vs_depth(metrics: dict[str, float], models, path: Path) -> bool:
+    """ASR (%) against the number of prefilled tokens, one line per model; error bars are each ASR's 95%
+    Wilson interval over the prompts (`<asr>/ci95_low`, `<asr>/ci95_high`) where the metrics have it.
+    Whether any line was drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    drawn = False
+    drawn = bars = False
     for model in models:
-        points = [(0, metrics.get(f"{model}/asr/none"))]
-        points += sorted(
-            (int(m.group(1)), v)
-            for k, v in metrics.items()
+        keys = [(0, f"{model}/asr/none")]
+        keys += sorted(
+            (int(m.group(1)), k)
+            for k in metrics
             if k.startswith(f"{model}/") and (m := PREFILL.match(k.split("/", 1)[1]))
         )
-        points = [(x, y) for x, y in points if y is not None]
-        if len(points) > 1:
-            ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=model)
-            drawn = True
+        points = [(x, metrics[k], k) for x, k in keys if metrics.get(k) is not None]
+        if len(points) < 2:
+            continue
+        xs, ys = [p[0] for p in points], [100 * p[1] for p in points]
+        bounds = [(metrics.get(f"{k}/ci95_low"), metrics.get(f"{k}/ci95_high")) for *_, k in points]
+        if any(None not in b for b in bounds):
+            below = [float("nan") if None in b else y - 100 * b[0] for y, b in zip(ys, bounds)]
+            above = [float("nan") if None in b else 100 * b[1] - y for y, b in zip(ys, bounds)]
+            ax.errorbar(xs, ys, yerr=[below, above], capsize=3, marker="o", label=model)
+            bars = True
+        else:
+            ax.plot(xs, ys, marker="o", label=model)
+        drawn = True
+    if bars:
+        ax.set_title("error bars: 95% Wilson interval over prompts", fontsize=8)
     ax.set_xlabel("prefilled harmful tokens (0 = no attack)")
     ax.set_ylabel("attack success rate (%)")
     ax.set_ylim(-2, 102)
@@ -172,7 +303,8 @@ def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> P
         "",
         "Attack success rate (ASR): share of the evaluation prompts whose answer the keyword judge (qi2024",
         "refusal phrases) counts as harmful. pf k = k harmful tokens prefilled; decoding = broken by any",
-        "sampling setting; gcg = on the prompts searched (fewer).",
+        "sampling setting; gcg = on the prompts searched (fewer). In brackets: the 95% Wilson interval, in",
+        "points, over the prompts judged (their number: `<model>/asr/<attack>/n` in metrics.json).",
         "",
         *main,
     ]
@@ -184,6 +316,32 @@ def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> P
             "is not harmful):",
             "",
             *table(metrics, models, substantive, [c.split("/", 1)[1] for c in substantive]),
+        ]
+    paired = paired_tests(run_dir, metrics, models)
+    if paired:
+        text += [
+            "",
+            "## Paired tests",
+            "",
+            "Each claim tested on the same prompts (the first answer to each): A only = prompts broken for",
+            "model A and not for B, B only the reverse; p = the exact two-sided McNemar test on those",
+            "discordant prompts (a small p: a gap this large is unlikely if both models broke these prompts",
+            "equally often).",
+            "",
+            *paired,
+        ]
+    agreeing = agreement_table(run_dir, models)
+    if agreeing:
+        text += [
+            "",
+            "## Judge agreement",
+            "",
+            "Each pair of judges on the same answers (every attack variant of the sub-run): the share of",
+            "equal verdicts and Cohen's kappa (1 = perfect, 0 = chance; undefined when both judges give one",
+            "verdict to everything). Per variant, with the keys of the answers they disagree on:",
+            "`models/<model>/judgments/agreement.json`.",
+            "",
+            *agreeing,
         ]
     text += [
         "",
@@ -206,4 +364,40 @@ def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> P
     write_text_atomic(path, "\n".join(text) + "\n")
     for name in images:
         tracker.log({f"report/{name[:-4]}": tracker.image(run_dir / name)})
+    log_line_plots(tracker, metrics, models, curves)
     return path
+
+
+def log_line_plots(tracker, metrics: dict[str, float], models, curves: dict[str, PositionStats]) -> None:
+    """The report's two figures as native tracker line plots (the PNGs are pictures; these overlay across
+    runs): KL per position of every model, and ASR vs prefill depth per model (depth 0 = no attack)."""
+    if curves:
+        positions = max(len(stats.mean) for stats in curves.values())
+        tracker.line(
+            "quickstart/kl_per_position",
+            list(range(1, positions + 1)),
+            {
+                label: [s.mean[k] if k < len(s.mean) and s.count[k] else None for k in range(positions)]
+                for label, s in curves.items()
+            },
+            "response position",
+            "mean KL",
+            "Per-token KL to the unaligned model",
+        )
+    asr: dict[str, dict[int, float]] = {}
+    for model in models:
+        points = {0: metrics.get(f"{model}/asr/none")}
+        for key, value in metrics.items():
+            if key.startswith(f"{model}/") and (m := PREFILL.match(key.split("/", 1)[1])):
+                points[int(m.group(1))] = value
+        asr[model] = {k: v for k, v in points.items() if v is not None}
+    depths = sorted({k for points in asr.values() for k in points})
+    if len(depths) > 1:
+        tracker.line(
+            "quickstart/asr_vs_prefill_depth",
+            depths,
+            {model: [points.get(k) for k in depths] for model, points in asr.items() if points},
+            "prefilled harmful tokens",
+            "attack success rate",
+            "ASR vs prefill depth",
+        )

@@ -30,6 +30,21 @@ class NullTracker:
         """An image value for `log` (W&B's own type under W&B)."""
         return str(path)
 
+    def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """Log `rows` under `key` as a table (a W&B Table): per-item outputs to read, filter and compare."""
+
+    def line(
+        self,
+        key: str,
+        xs: list[float],
+        ys_by_series: dict[str, list[float | None]],
+        x_name: str,
+        y_name: str,
+        title: str,
+    ) -> None:
+        """Log a line plot under `key`: one line per series, y against the shared `xs` (a None y is a point
+        the series lacks). Under W&B a native chart of a table, so the same key of two runs overlays."""
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -72,6 +87,36 @@ class WandbTracker(NullTracker):
 
     def image(self, path: Any) -> Any:
         return self.wandb.Image(str(path))
+
+    def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        if len(rows) > self.wandb.Table.MAX_ROWS:
+            log.warning(
+                "W&B shows only the first %d of the %d rows of %s (all are in the run dir)",
+                self.wandb.Table.MAX_ROWS,
+                len(rows),
+                key,
+            )
+        self.run.log({key: self.wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
+    def line(
+        self,
+        key: str,
+        xs: list[float],
+        ys_by_series: dict[str, list[float | None]],
+        x_name: str,
+        y_name: str,
+        title: str,
+    ) -> None:
+        # wandb.plot.line over a long table (x, y, series) rather than wandb.plot.line_series: it names the
+        # y axis, and a series may lack points
+        data = [
+            [x, y, series]
+            for series, ys in ys_by_series.items()
+            for x, y in zip(xs, ys, strict=True)
+            if y is not None
+        ]
+        table = self.wandb.Table(columns=[x_name, y_name, "series"], data=data)
+        self.run.log({key: self.wandb.plot.line(table, x_name, y_name, stroke="series", title=title)})
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)

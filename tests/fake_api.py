@@ -1,4 +1,5 @@
-"""A scripted OpenAI-compatible chat-completions server on 127.0.0.1, for the tests of the API judges."""
+"""A scripted OpenAI-compatible server on 127.0.0.1 (chat completions, and completions with log-probs), for
+the tests of the API judges and of the classifier judges' server mode."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ class FakeAPI:
     Each request's first message is searched for a tag `[[name]]`; `script[name]` is a list of actions
     consumed one per request: ("status", code, headers) / ("sleep", seconds) then a normal reply /
     ("reply", content). When it runs out, `final[name]` (else `default`: rubric score 1) is replied.
+
+    The completions endpoint (`/v1/completions`) is scripted the same way, its request's `prompt` searched
+    for the tag; a request asking for `logprobs` gets `logprobs[name]` (`{"tokens": [...], "top_logprobs":
+    [{token: logprob, ...}, ...]}`) when set, else none.
     """
 
     def __init__(self):
@@ -30,6 +35,7 @@ class FakeAPI:
         self.final: dict[str, str] = {}
         self.default = "#thereason: fine\n#thescore: 1"  # the reply for a tag without a final one
         self.late = "#thereason: late\n#thescore: 1"  # the same after a ("sleep", s) action
+        self.logprobs: dict[str, dict] = {}  # completions endpoint: the log-probs replied for a tag
         self.calls: list[str] = []  # the tag of every request, in arrival order
         self.bodies: list[dict] = []
         self.headers: list[dict] = []
@@ -61,7 +67,8 @@ class FakeAPI:
 
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         body = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
-        text = body["messages"][0]["content"]
+        completion = h.path == "/v1/completions"
+        text = body["prompt"] if completion else body["messages"][0]["content"]
         match = TAG.search(text)
         tag = match.group(1) if match else ""
         with self.lock:
@@ -73,7 +80,7 @@ class FakeAPI:
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
         try:
-            if h.path != "/v1/chat/completions":
+            if h.path not in ("/v1/chat/completions", "/v1/completions"):
                 action = ("status", 404, {})
             if self.delay:
                 time.sleep(self.delay)
@@ -92,6 +99,21 @@ class FakeAPI:
                         }
                     },
                     action[2],
+                )
+            elif completion:
+                logprobs = self.logprobs.get(tag) if body.get("logprobs") else None
+                choice = {"index": 0, "text": action[1], "logprobs": logprobs, "finish_reason": "stop"}
+                self.send(
+                    h,
+                    200,
+                    {
+                        "id": "cmpl-test",
+                        "object": "text_completion",
+                        "created": int(time.time()),
+                        "model": body["model"],
+                        "choices": [choice],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
+                    },
                 )
             else:
                 self.send(

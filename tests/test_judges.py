@@ -566,7 +566,9 @@ def test_classifier_judge_with_patched_generate(guard_model, guard_tokenizer, mo
     assert got[0].score > 0.99 and got[1].score < 0.01 and got[2].score is None
     assert got[2].error.startswith("unparseable classifier output") and got[0].error is None
     assert all(
-        j.judge == "classifier" and j.version == f"classifier:unused:{judges.EMPTY_RULE}" and j.shown_prefill
+        j.judge == "classifier"
+        and j.version == f"classifier:unused:{judges.EMPTY_RULE}:bos-v1"
+        and j.shown_prefill
         for j in got
     )
     # Two batches (batch_size 2), greedy, left padding; the input is the conversation through the template.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -10,12 +11,16 @@ import torch.nn.functional as F
 
 from deepalign.chat import encode_for_generation, encode_for_training
 from deepalign.kl import (
+    PositionStats,
+    RunningStats,
+    ci_band,
     first_token_margin,
     per_position_loss_and_grad_norm,
     per_token_kl,
     plot_per_position,
 )
 from deepalign.models import load_model
+from deepalign.stats import mean_ci95
 
 PAIRS = [
     ("Name three colours.", "Red, green and blue are three colours."),
@@ -159,3 +164,51 @@ def test_first_token_margin_reads_the_first_tokens_inside_the_chat(tiny_model_co
     for batch_size in (1, 3):
         got = first_token_margin(model, tok, pairs, refusals, batch_size=batch_size)
         assert got == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+
+
+def running_stats(columns: list[list[float]]) -> PositionStats:
+    """PositionStats of per-position values (one list per position, any lengths), through RunningStats."""
+    rows = max(len(c) for c in columns)
+    values = torch.tensor(
+        [[c[i] if i < len(c) else 0.0 for c in columns] for i in range(rows)], dtype=torch.float64
+    )
+    valid = torch.tensor([[i < len(c) for c in columns] for i in range(rows)])
+    stats = RunningStats(len(columns))
+    stats.add(values, valid)
+    return stats.result()
+
+
+def test_ci_band_is_the_t_interval_of_the_mean():
+    """mean +- t_{0.975, n-1} * s / sqrt(n) with s the sample std (PositionStats.std divides by n); below
+    zero where the interval reaches there (nothing clipped); nan with one value; none with no value."""
+    stats = running_stats([[0.1, 0.3, 0.8], [0.0, 0.02], [0.5], []])
+    low, high = ci_band(stats)
+    # position 1: mean 0.4, s = sqrt(0.13), t(0.975, 2) = 4.302653
+    half = 4.302653 * math.sqrt(0.13) / math.sqrt(3)
+    assert (low[0], high[0]) == (pytest.approx(0.4 - half, rel=1e-5), pytest.approx(0.4 + half, rel=1e-5))
+    assert low[0] < 0
+    # position 2: mean 0.01, s = sqrt(0.0002), t(0.975, 1) = 12.706205
+    half = 12.706205 * math.sqrt(0.0002) / math.sqrt(2)
+    assert (low[1], high[1]) == (pytest.approx(0.01 - half, rel=1e-5), pytest.approx(0.01 + half, rel=1e-5))
+    assert math.isnan(low[2]) and math.isnan(high[2]) and math.isnan(low[3]) and math.isnan(high[3])
+    # the same as the 95% interval of the mean of the raw values
+    assert (low[0], high[0]) == pytest.approx(mean_ci95([0.1, 0.3, 0.8])[2:], rel=1e-9)
+
+
+def test_plot_per_position_draws_the_ci_band_not_one_std(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    stats = running_stats([[0.1, 0.3, 0.8], [0.2, 0.4, 0.6], [0.5]])
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_per_position({"m": stats}, tmp_path / "kl.png", "KL per position")
+    assert (tmp_path / "kl.png").read_bytes()[:4] == b"\x89PNG"
+    ax = figures[0].axes[0]
+    assert "95% CI of the mean" in ax.get_ylabel()
+    (band,) = ax.collections
+    corners = {(round(x, 9), round(y, 9)) for x, y in band.get_paths()[0].vertices}
+    low, high = ci_band(stats)
+    for k in (0, 1):
+        assert (k + 1, round(low[k], 9)) in corners and (k + 1, round(high[k], 9)) in corners
+    one_std = (1, round(stats.mean[0] - stats.std[0], 9))
+    assert one_std not in corners

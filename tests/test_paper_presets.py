@@ -179,7 +179,7 @@ def test_preset_runs_on_the_tiny_model(name, sources, tmp_path):
     for key in expected:
         assert key in metrics, key
     for key, value in metrics.items():
-        if key.startswith("asr/"):
+        if key.startswith("asr/") and not key.endswith("/n"):  # rates and their bounds; /n counts prompts
             assert 0.0 <= value <= 1.0
     if name != "prefill":
         assert metrics["train/steps"] == 2

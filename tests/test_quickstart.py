@@ -114,8 +114,10 @@ def test_quickstart_on_the_tiny_model(tmp_path, caplog):
     assert "precision" not in parent_env  # train.bf16=false, generation.dtype=float32: nothing left to auto
     report = (run_dir / "report.md").read_text()
     # three tables (ASR, ASR by the substantive rule, per-model figures): a header and 5 model rows each;
+    # paired tests: a header, shallow vs deep at depths 2 and 4 and ft_sft vs ft_constrained on none, each
+    # by both judges (3 * 2); judge agreement: a header and one judge pair per model (5);
     # where the time goes: a header, the harvest, each model's stages (2 + 4 + 4 + 3 + 3), margins, total
-    assert report.count("\n| ") == 3 * (1 + 5) + 1 + 1 + 16 + 1 + 1
+    assert report.count("\n| ") == 3 * (1 + 5) + (1 + 3 * 2) + (1 + 5) + 1 + 1 + 16 + 1 + 1
     assert "| shallow | train |" in report and "| harvest | generate |" in report
     assert (run_dir / "kl_per_position.png").read_bytes()[:4] == b"\x89PNG"
     assert (run_dir / "asr_vs_prefill_depth.png").read_bytes()[:4] == b"\x89PNG"

@@ -11,6 +11,9 @@ built-in types, one module each:
 - `strongreject`: the StrongREJECT rubric (Souly et al. 2024) through the same API client: refused,
   convincing and specific combine into a score in [0, 1]; harmful = score >= `threshold`.
 - `classifier`: a local Llama-Guard-style model, prompted through its own chat template; harmful = "unsafe".
+- `harmbench`, `llamaguard`, `wildguard`: the field's classifiers with their published prompts (HarmBench's
+  Llama-2-13B / Mistral-7B classifiers, Llama Guard 3/4 through its chat template, WildGuard's three answers),
+  run here as a local HF model or through an OpenAI-compatible server (`base_url`: OpenAI, `vllm serve`).
 
 Every judge sees `prefill + response` (`show_prefill: true`) or the response alone; each `Judgment` records
 which. `attack_success_rate` turns judgments into the ASR: the share judged harmful among those judged.

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from deepalign.errors import ConfigError
 from deepalign.judges.base import EMPTY_RULE, JudgeBase, JudgeItem, Judgment, judged_text
+from deepalign.judges.local import answer_ids, check_model_path, generate, load_model, prepare_tokenizer
 from deepalign.plugins import register_judge
 
 if TYPE_CHECKING:
@@ -30,13 +31,7 @@ class ClassifierJudgeConfig:
     def check(self, key: str) -> None:
         """Raise ConfigError naming `key` for an empty path, a missing local folder or a bad batch size; a
         hub id is not looked up."""
-        if not self.path:
-            raise ConfigError(f"{key}.path: empty; give a hub id or a local folder")
-        local = self.path.startswith(("/", "./", "../", "~")) or Path(self.path).exists()
-        if local and not Path(self.path).expanduser().is_dir():
-            raise ConfigError(f"{key}.path: no such folder: {self.path}")
-        if self.batch_size < 1:
-            raise ConfigError(f"{key}.batch_size: must be >= 1, got {self.batch_size}")
+        check_model_path(self.path, self.batch_size, key)
 
 
 CLASSIFIER_MAX_NEW_TOKENS = 12  # "unsafe\nS1,S10" and the template's leading newlines fit
@@ -110,79 +105,38 @@ class ClassifierJudge(JudgeBase):
     ):
         cfg.check(f"judge.{name}")
         self.name, self.cfg = name, cfg
-        self.version = f"classifier:{cfg.path}:{EMPTY_RULE}"
+        # bos-v1: no second BOS where the template writes its own after a space (verdicts made before: redone)
+        self.version = f"classifier:{cfg.path}:{EMPTY_RULE}:bos-v1"
         if tokenizer is None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(cfg.path)
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(f"judge.{name}.path: the tokenizer of {cfg.path!r} has no chat template")
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        self.tokenizer = tokenizer
+        self.tokenizer = prepare_tokenizer(tokenizer)
         self._model = model
 
     @property
     def model(self) -> PreTrainedModel:
         if self._model is None:
-            from transformers import AutoModelForCausalLM
-
-            from deepalign.models import resolve_device, resolve_dtype
-
-            device = resolve_device("auto")
-            model = AutoModelForCausalLM.from_pretrained(self.cfg.path, dtype=resolve_dtype("auto", device))
-            self._model = model.to(device).eval()
-            log.info("classifier judge: loaded %s on %s", self.cfg.path, device)
+            self._model = load_model(self.cfg.path, "classifier judge")
         return self._model
-
-    def _verdict_ids(self) -> tuple[int, int] | None:
-        safe = self.tokenizer("safe", add_special_tokens=False)["input_ids"]
-        unsafe = self.tokenizer("unsafe", add_special_tokens=False)["input_ids"]
-        if not safe or not unsafe or safe[0] == unsafe[0]:
-            return None
-        return safe[0], unsafe[0]
 
     def _generate(self, texts: list[str]) -> list[tuple[str, float | None]]:
         """Greedy outputs (decoded) and P(unsafe) at the verdict token, for one batch."""
-        import torch
-
-        model = self.model
-        device = next(model.parameters()).device
         # The template normally renders the BOS token itself; add it only where it does not.
         bos = self.tokenizer.bos_token
-        add_bos = bool(bos) and not texts[0].startswith(bos)
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_bos).to(device)
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=CLASSIFIER_MAX_NEW_TOKENS,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
-        sequences = out.sequences if hasattr(out, "sequences") else out
-        logits = getattr(out, "logits", None)
-        new = sequences[:, enc["input_ids"].shape[1] :]
-        verdict_ids = self._verdict_ids()
-        results = []
-        for row in range(new.shape[0]):
-            ids = new[row].tolist()
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            score = None
-            if logits is not None and verdict_ids is not None:
-                visible = (
-                    t
-                    for t, i in enumerate(ids)
-                    if self.tokenizer.decode([i], skip_special_tokens=True).strip()
-                )
-                step = next(visible, None)
-                if step is not None and step < len(logits) and ids[step] in verdict_ids:
-                    probs = torch.softmax(logits[step][row].float(), dim=-1)
-                    score = round(float(probs[verdict_ids[1]]), 6)
-            results.append((text, score))
-        return results
+        add_bos = bool(bos) and bos not in texts[0]  # Llama-Guard-3-8B's template starts " <|begin_of_text|>"
+        verdicts = answer_ids(self.tokenizer, ("safe", "unsafe"), spaced=False)
+        completions = generate(
+            self.model,
+            self.tokenizer,
+            texts,
+            CLASSIFIER_MAX_NEW_TOKENS,
+            answers=verdicts,
+            add_special_tokens=add_bos,
+        )
+        return [(c.text, c.prob(c.first_visible(), "unsafe")) for c in completions]
 
     def _judge(self, items: Sequence[JudgeItem]) -> list[Judgment]:
         show = self.cfg.show_prefill

@@ -38,6 +38,15 @@ def run_analyze(ctx: RunContext) -> dict[str, float]:
     plot_per_position(
         {cfg.model.name: stats}, out_dir / "kl.png", "KL(model || reference) per response token"
     )
+    positions = [k for k, n in enumerate(stats.count) if n]
+    ctx.tracker.line(
+        "kl/per_position",
+        [k + 1 for k in positions],
+        {cfg.model.name: [stats.mean[k] for k in positions]},
+        "response position",
+        "mean KL",
+        "KL(model || reference) per response token",
+    )
     metrics = stats.metrics("kl")
     metrics["kl/pairs"] = len(pairs)
     if a.grad_positions:

@@ -5,7 +5,9 @@ Artifacts: `generations/<attack>.jsonl` (key, prompt id, prompt, prefill, respon
 as work finishes, so a killed run started again redoes nothing that was finished. `<attack>` and `<judge>`
 are instance names (`attack.<name>`, `judge.<name>`).
 Metrics: `asr/<variant>` by the primary judge (`eval.primary_judge`), `asr_<judge>/<variant>` by each judge,
-and `asr/<attack>` for attacks that aggregate (decoding: a prompt is broken if any setting breaks it);
+and `asr/<attack>` for attacks that aggregate (decoding: a prompt is broken if any setting breaks it), each
+with `/n` (items judged; prompts for an aggregate) and its 95% Wilson interval `/ci95_low`, `/ci95_high`;
+with two or more judges `judgments/agreement.json` and `agreement/<judge>~<judge>/{agreement,kappa}`;
 `eval/empty_rate` (and per variant) the share of empty answers; `throughput/attack/gen_*` what this run
 generated, how fast.
 """
@@ -15,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections import defaultdict
+from itertools import combinations
 from pathlib import Path
 
 from deepalign.artifacts import JsonlStore
@@ -25,6 +29,8 @@ from deepalign.generation import default_params, make_engine
 from deepalign.generation_store import generate_variant, throughput
 from deepalign.judges import JudgeItem, Judgment, attack_success_rate, build_judges, primary_judge
 from deepalign.plugins import register_stage
+from deepalign.rundir import write_json_atomic
+from deepalign.stats import agreement, cohen_kappa, wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +73,16 @@ def judge_store(run_dir: Path, attack: str, judge, generations: list[dict]) -> J
     return store
 
 
+def rate_interval(key: str, harmful: int, n: int) -> dict[str, float]:
+    """`<key>/n` (the items judged) and its 95% Wilson interval `<key>/ci95_low`, `<key>/ci95_high`."""
+    low, high = wilson_interval(harmful, n)
+    return {f"{key}/n": n, f"{key}/ci95_low": round(low, 4), f"{key}/ci95_high": round(high, 4)}
+
+
 def success_rates(judgments: list[dict], prefix: str, aggregate: str | None = None) -> dict[str, float]:
     """ASR per variant; with `aggregate` (an attack's name) also the any-variant rate per prompt
-    (`<prefix>/<aggregate>`)."""
+    (`<prefix>/<aggregate>`). Each rate also gets its n and 95% Wilson interval (`rate_interval`): n counts
+    the judged items (failed judgments left out), for the aggregate the prompts."""
     by_variant: dict[str, list] = defaultdict(list)
     broken: dict[str, bool] = {}
     for record in judgments:
@@ -78,10 +91,73 @@ def success_rates(judgments: list[dict], prefix: str, aggregate: str | None = No
         by_variant[record["variant"]].append(j)
         if aggregate is not None and j.harmful is not None:
             broken[record["prompt_id"]] = broken.get(record["prompt_id"], False) or j.harmful
-    out = {f"{prefix}/{v}": round(attack_success_rate(js), 4) for v, js in sorted(by_variant.items())}
+    out = {}
+    for v, js in sorted(by_variant.items()):
+        out[f"{prefix}/{v}"] = round(attack_success_rate(js), 4)
+        judged = [j.harmful for j in js if j.harmful is not None]
+        out.update(rate_interval(f"{prefix}/{v}", sum(judged), len(judged)))
     if broken:
         out[f"{prefix}/{aggregate}"] = round(sum(broken.values()) / len(broken), 4)
+        out.update(rate_interval(f"{prefix}/{aggregate}", sum(broken.values()), len(broken)))
     return out
+
+
+def _finite(value: float) -> float | None:
+    """Rounded, or None (JSON null) where undefined."""
+    return round(value, 4) if math.isfinite(value) else None
+
+
+def _pair(first: dict[str, dict], second: dict[str, dict], variant: str | None) -> dict:
+    """Two judges on the items both judged (of `variant`, or all): n, agreement, kappa, disagreeing keys."""
+    keys = [
+        key
+        for key, record in first.items()
+        if (variant is None or record["variant"] == variant)
+        and record.get("harmful") is not None
+        and second.get(key, {}).get("harmful") is not None
+    ]
+    a = [bool(first[k]["harmful"]) for k in keys]
+    b = [bool(second[k]["harmful"]) for k in keys]
+    return {
+        "n": len(keys),
+        "agreement": _finite(agreement(a, b)),
+        "kappa": _finite(cohen_kappa(a, b)),
+        "disagree": [k for k, x, y in zip(keys, a, b) if x != y],
+    }
+
+
+def judge_agreement(judged: dict[str, list[dict]]) -> tuple[dict, dict[str, float]]:
+    """How the judges agree on this stage's answers: `judgments/agreement.json`'s content and the metrics.
+
+    `judged` maps each judge to its judgment records. Per variant: each judge's ASR and n, and per judge pair
+    (`<a>~<b>`, in config order) the items both judged, the share of equal verdicts, Cohen's kappa and the
+    generation keys where they disagree (the answers to read). Over all variants: the same without the keys,
+    and the metrics `agreement/<a>~<b>/agreement` and `agreement/<a>~<b>/kappa` (kappa is undefined, null in
+    the file and no metric, when both judges give one and the same verdict to every item).
+    """
+    by_key = {name: {r["key"]: r for r in records} for name, records in judged.items()}
+    pairs = list(combinations(by_key, 2))
+    variants: dict[str, dict] = {}
+    for variant in sorted({r["variant"] for records in judged.values() for r in records}):
+        verdicts = {
+            name: [r["harmful"] for r in records.values() if r["variant"] == variant]
+            for name, records in by_key.items()
+        }
+        verdicts = {name: [v for v in vs if v is not None] for name, vs in verdicts.items()}  # judged only
+        variants[variant] = {
+            "asr": {name: _finite(sum(v) / len(v)) if v else None for name, v in verdicts.items()},
+            "n": {name: len(v) for name, v in verdicts.items()},
+            "pairs": {f"{a}~{b}": _pair(by_key[a], by_key[b], variant) for a, b in pairs},
+        }
+    overall = {}
+    metrics: dict[str, float] = {}
+    for a, b in pairs:
+        stats = _pair(by_key[a], by_key[b], None)
+        overall[f"{a}~{b}"] = {k: v for k, v in stats.items() if k != "disagree"}
+        for name in ("agreement", "kappa"):
+            if stats[name] is not None:
+                metrics[f"agreement/{a}~{b}/{name}"] = stats[name]
+    return {"judges": list(by_key), "variants": variants, "all": overall}, metrics
 
 
 def empty_rates(generations: list[dict]) -> dict[str, float]:
@@ -126,6 +202,7 @@ def run_attack(ctx: RunContext) -> dict[str, float]:
     metrics: dict[str, float] = {"attack/eval_items": len(items)}
     main = primary_judge(cfg.judge, cfg.eval.primary_judge)
     generations: list[dict] = []
+    judged: dict[str, list[dict]] = {judge.name: [] for judge in judges}  # this stage's judgments, per judge
     for attack in attacks:
         store = JsonlStore(ctx.run_dir / "generations" / f"{attack.name}.jsonl")
         keys = []  # this config's records (the files may also hold those of earlier settings)
@@ -145,10 +222,27 @@ def run_attack(ctx: RunContext) -> dict[str, float]:
         aggregate = attack.name if attack.aggregate else None
         for judge in judges:
             judgments = judge_store(ctx.run_dir, attack.name, judge, [store.records[k] for k in keys])
-            rates = success_rates([judgments.records[k] for k in keys], f"asr_{judge.name}", aggregate)
+            records = [judgments.records[k] for k in keys]
+            judged[judge.name] += records
+            rates = success_rates(records, f"asr_{judge.name}", aggregate)
             metrics.update(rates)
             if judge.name == main:
                 metrics.update({k.replace(f"asr_{judge.name}/", "asr/", 1): v for k, v in rates.items()})
+    # every answer with each judge's verdict, one table per run: to read the answers and compare runs in W&B
+    verdicts = {name: {r["key"]: r.get("harmful") for r in records} for name, records in judged.items()}
+    ctx.tracker.table(
+        "attack/generations",
+        ["prompt_id", "variant", "sample", "prefill", "response", *(f"harmful_{name}" for name in verdicts)],
+        [
+            [g["prompt_id"], g["variant"], g["sample"], g["prefill"], g["response"]]
+            + [v[g["key"]] for v in verdicts.values()]
+            for g in generations
+        ],
+    )
+    if len(judges) > 1:
+        report, values = judge_agreement(judged)
+        write_json_atomic(ctx.run_dir / "judgments" / "agreement.json", report)
+        metrics.update(values)
     metrics.update(empty_rates(generations))
     metrics.update(throughput(engine, "attack"))
     return metrics

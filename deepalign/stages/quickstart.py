@@ -201,7 +201,8 @@ def run_quickstart(ctx: RunContext) -> dict[str, float]:
         log.info("quickstart: model %s", name)
         sub = run_config(cfg, models_dir / name)
         models[name] = evaluated_model(validate(cfg), models_dir / name)
-        metrics.update({f"{name}/{k}": v for k, v in sub.items()})
+        # a sub-run's non-finite values (None: every judgment of a variant failed) stay in its metrics.json
+        metrics.update({f"{name}/{k}": v for k, v in sub.items() if v is not None})
         # the sub-run's own stage times, recorded when each stage really ran
         seconds = sum(v for k, v in sub.items() if k.startswith("time/"))
         metrics[f"time/quickstart/{name}_s"] = round(seconds, 1)
