@@ -261,6 +261,18 @@ def plot_asr_vs_depth(metrics: dict[str, float], models, path: Path) -> bool:
     return drawn
 
 
+def other_judges(metrics: dict[str, float], models) -> list[str]:
+    """The judges of the sub-runs besides keyword (the main table) and keyword_substantive (its own), in
+    the order their keys first appear."""
+    found: dict[str, None] = {}
+    for key in metrics:
+        model, _, rest = key.partition("/")
+        prefix = rest.split("/", 1)[0]
+        if model in models and prefix.startswith("asr_"):
+            found[prefix.removeprefix("asr_")] = None
+    return [j for j in found if j not in ("keyword", "keyword_substantive")]
+
+
 def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> Path:
     """report.md with the tables and plots; the plots also go to the tracker."""
     columns = asr_columns(metrics, models)
@@ -316,6 +328,17 @@ def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> P
             "is not harmful):",
             "",
             *table(metrics, models, substantive, [c.split("/", 1)[1] for c in substantive]),
+        ]
+    for judge in other_judges(metrics, models):  # judge=[keyword,keyword_substantive,harmbench,...]
+        columns = asr_columns(metrics, models, f"asr_{judge}")
+        if not columns:  # no ASR: every judgment failed (their errors: models/<model>/judgments/)
+            text += ["", f"`{judge}` judged no answer: every judgment failed (models/<model>/judgments/)."]
+            continue
+        text += [
+            "",
+            f"The same answers, judged by `{judge}` (judgments that failed are left out of n):",
+            "",
+            *table(metrics, models, columns, [c.split("/", 1)[1] for c in columns]),
         ]
     paired = paired_tests(run_dir, metrics, models)
     if paired:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deepalign.report import asr_cell, asr_columns, paired_tests, read_verdicts, write_report
+from deepalign.report import asr_cell, asr_columns, other_judges, paired_tests, read_verdicts, write_report
 from deepalign.tracking import NullTracker
 
 MODELS = ["shallow", "deep", "ft_sft", "ft_constrained"]
@@ -131,3 +131,20 @@ def test_write_report_sections(tmp_path):
     bare.mkdir()
     text = write_report(bare, METRICS, MODELS, NullTracker()).read_text()
     assert "## Paired tests" not in text and "## Judge agreement" not in text
+
+
+def test_every_further_judge_gets_its_own_table(tmp_path):
+    """judge=[keyword,keyword_substantive,harmbench]: harmbench's ASR with intervals in a table of its own;
+    a judge whose every judgment failed is named, not shown as an empty table."""
+    models = ["shallow", "deep"]
+    metrics = {
+        **rate("shallow", "asr/none", 0.5, 4, 0.15, 0.85),
+        **rate("shallow", "asr_harmbench/none", 0.25, 4, 0.0456, 0.6994),
+        **rate("deep", "asr_harmbench/none", 0.0, 4, 0.0, 0.4899),
+        "shallow/asr_wildguard/none/n": 0,
+    }
+    assert other_judges(metrics, models) == ["harmbench", "wildguard"]
+    report = write_report(tmp_path, metrics, models, NullTracker()).read_text()
+    assert "judged by `harmbench`" in report
+    assert "| shallow | 25% [5, 70] |" in report and "| deep | 0% [0, 49] |" in report
+    assert "`wildguard` judged no answer: every judgment failed" in report
