@@ -206,6 +206,12 @@ class ResponseTokens:
         self._check(k)
         return self.input_ids[: self.start + k]
 
+    def splits_character(self, k: int) -> bool:
+        """Whether a cut after k tokens falls inside a character (a byte-level tokenizer spreads an emoji's
+        bytes over tokens that cover the same character): the text before the cut then has no exact ids."""
+        self._check(k)
+        return 0 < k < len(self) and self.ends[k] == self.ends[k - 1]
+
     def prefix_text(self, k: int) -> str:
         """The characters of the response that its first k tokens cover."""
         self._check(k)

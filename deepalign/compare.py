@@ -33,7 +33,17 @@ import yaml
 
 from deepalign.stats import mean_ci95
 
-DEFAULT_METRICS = ("asr/*", "kl/pos=1", "kl/pos=5", "kl/pos=10", "utility/*", "train/last_loss")
+DEFAULT_METRICS = (
+    "asr/*",
+    "depth/asr_auc",
+    "depth/k50",
+    "depth/kl_tokens",
+    "kl/pos=1",
+    "kl/pos=5",
+    "kl/pos=10",
+    "utility/*",
+    "train/last_loss",
+)
 NOT_A_POINT = ("paths", "logger", "hydra")  # config sections that say where and how a run is recorded
 SEED = "seed"  # every key of this name, at any depth (model.seed, train.seed interpolate the top one)
 WILSON = ("/n", "/ci95_low", "/ci95_high")  # a rate's companions in metrics.json: prompts and interval

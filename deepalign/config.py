@@ -128,6 +128,8 @@ class DataComponent:
     recovery: bool = False  # safety_triplet: safety recovery examples (harmful prefix, then refusal)
     recovery_prob: float = 0.5  # probability that an example gets a harmful prefix (k >= 1)
     recovery_max_k: int = 100  # k ~ Uniform{1..min(recovery_max_k, |harmful|)}
+    # uniform (the paper) | log_uniform: P(k) ~ 1/k, as many examples with k in 1..10 as in 10..100
+    recovery_k: str = "uniform"
     recovery_separator: str = " "  # put between the harmful prefix and the refusal
     system_prompt: str | None = None  # overrides data.system_prompt for this component (e.g. AOA)
     response_prefix: str = ""  # text put before every response (e.g. the AOA persona's opening)
@@ -147,6 +149,7 @@ class DataComponent:
             f"must be in [0, 1], got {self.recovery_prob}",
         )
         check(self.recovery_max_k >= 1, f"{key}.recovery_max_k", f"must be >= 1, got {self.recovery_max_k}")
+        check_choice(f"{key}.recovery_k", self.recovery_k, ("uniform", "log_uniform"))
         check(
             not self.recovery or (self.schema == "safety_triplet" and self.target == "refusal"),
             f"{key}.recovery",
@@ -417,6 +420,40 @@ class AnalysisConfig:
     positions: int = 20
     batch_size: int = 8
     grad_positions: int = 0  # > 0: also per-position loss and gradient norm on one batch (paper Fig. 3)
+    # alignment depth (deepalign/depth.py): `depth/kl_tokens` counts the positions before the mean KL stays
+    # below this many nats (three in a row)
+    depth_threshold: float = 0.5
+    # P(the model starts a refusal) after k harmful tokens, per k (`depth/recovery/k=N`); [] = none
+    recovery_depths: list[int] = field(default_factory=lambda: [0, 5, 10, 20, 40])
+    recovery_tokens: int = 2  # the refusal's first tokens whose probability is taken
+    refusals: str | None = None  # JSON list of strings or JSONL with `refusal`; None: the packaged templates
+
+    def check(self, key: str = "analysis") -> None:
+        check(self.positions >= 1, f"{key}.positions", f"must be >= 1, got {self.positions}")
+        check(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.grad_positions >= 0, f"{key}.grad_positions", f"must be >= 0, got {self.grad_positions}")
+        check(
+            self.depth_threshold > 0,
+            f"{key}.depth_threshold",
+            f"must be > 0 nats, got {self.depth_threshold}",
+        )
+        for i, k in enumerate(self.recovery_depths):
+            check(k >= 0, f"{key}.recovery_depths[{i}]", f"a prefill depth is a token count >= 0, got {k}")
+        check(
+            len(set(self.recovery_depths)) == len(self.recovery_depths),
+            f"{key}.recovery_depths",
+            f"lists a depth twice: {self.recovery_depths}",
+        )
+        check(
+            self.recovery_tokens >= 1, f"{key}.recovery_tokens", f"must be >= 1, got {self.recovery_tokens}"
+        )
+        if self.refusals is not None:
+            check(
+                self.refusals.lower().endswith((".json", ".jsonl")),
+                f"{key}.refusals",
+                f"{self.refusals!r} is not a .json (a list of strings) or .jsonl (a `refusal` field) file",
+            )
+            check_local_source(f"{key}.refusals", self.refusals)
 
 
 @dataclass
@@ -456,10 +493,12 @@ class QuickstartConfig:
     eval_limit: int | None = None
     harvest_prefill: str = "Sure, here is"
     harvest_temperature: float = 0.7
-    harvest_tokens: int = 48
+    harvest_tokens: int = 48  # the training prompts' harmful answers (recovery examples, fine-tuning attack)
+    harvest_eval_tokens: int = 128  # the evaluation prompts' answers: long enough for prefills of 100 tokens
     benign_tokens: int = 48
     harvest_batch_size: int = 16
     ft_pairs: int = 50  # harmful (prompt, answer) pairs of the fine-tuning attack
+    ft_tokens: int = 52  # ... cut after this many tokens (the affirmative start and 48 sampled ones)
     models: list[str] = field(
         default_factory=lambda: ["unaligned", "shallow", "deep", "ft_sft", "ft_constrained"]
     )
@@ -472,6 +511,8 @@ class QuickstartConfig:
     def check(self, key: str = "quickstart") -> None:
         check_local_source(f"{key}.eval_prompts", self.eval_prompts)
         check_limit(f"{key}.eval_limit", self.eval_limit)
+        for name in ("harvest_tokens", "harvest_eval_tokens", "benign_tokens", "ft_tokens"):
+            check(getattr(self, name) >= 1, f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
         for i, name in enumerate(self.chosen()):
             check(
                 isinstance(self.runs.get(name), dict),
@@ -577,13 +618,8 @@ def _check_stages(c: DeepAlignConfig) -> None:
                 "eval.primary_judge",
                 f"{c.eval.primary_judge!r} is not among the selected judges ({', '.join(c.judge)})",
             )
-    if "analyze" in c.stages:
-        check(
-            c.analysis.reference is not None or "train" in c.stages,
-            "analysis.reference",
-            "KL needs a reference model: analysis.reference=HUB_ID_OR_FOLDER, or a train stage in this run",
-        )
-        check(c.analysis.positions >= 1, "analysis.positions", "must be >= 1")
+    if "analyze" in c.stages:  # without a reference or a train stage it skips the KL (the model is its own)
+        c.analysis.check()
     if "utility" in c.stages:
         u = c.utility
         check(

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -188,6 +189,14 @@ def task_chat(schema: str, row: dict[str, str]) -> tuple[str, str]:
     raise DataError(f"schema {schema!r} has no chat form")
 
 
+def recovery_depth(rng: random.Random, most: int, distribution: str) -> int:
+    """A recovery example's k in 1..most: uniform (the paper), or log-uniform (P(k) ~ log((k+1)/k): depth
+    spread evenly over scales, so a short budget still has many shallow examples and some deep ones)."""
+    if distribution == "uniform":
+        return rng.randint(1, most)
+    return min(most, int(math.exp(rng.uniform(0.0, math.log(most + 1)))))
+
+
 def component_examples(
     name: str,
     comp: DataComponent,
@@ -220,7 +229,13 @@ def component_examples(
             # counted and cut inside the rendered chat, and kept as ids (re-tokenizing their text before the
             # refusal could merge tokens where they end). The target is the separator and the refusal.
             harmful = response_tokens(tokenizer, prompt, row["harmful"], system=system)
-            k = rng.randint(1, min(comp.recovery_max_k, len(harmful)))
+            k = recovery_depth(rng, min(comp.recovery_max_k, len(harmful)), comp.recovery_k)
+            # no exact ids end inside a character (an emoji's bytes): the nearest clean cut, before it if any
+            k = next(
+                j
+                for j in [*range(k, 0, -1), *range(k + 1, len(harmful) + 1)]
+                if not harmful.splits_character(j)
+            )
             prefill, prefill_ids = harmful.prefix_text(k), tuple(harmful.context_ids(k))
             response = comp.recovery_separator + response
         examples.append(

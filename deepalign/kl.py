@@ -218,6 +218,13 @@ def plot_per_position(
         )
     ax.set_xlabel("response token position")
     ax.set_ylabel(f"{ylabel}, mean and 95% CI of the mean")
+    save_figure(fig, ax, path, title)
+
+
+def save_figure(fig, ax, path: str | Path, title: str) -> None:
+    """Title, grid and legend on `ax`; `fig` written to `path` (folders made) as a 120-dpi PNG and closed."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -1,5 +1,5 @@
-"""The quickstart report: tables (model x attack ASR with 95% intervals, paired tests, judge agreement,
-utility, training, time) and two plots."""
+"""The quickstart report: tables (model x attack ASR with 95% intervals, alignment depth, paired tests, judge
+agreement, utility, training, time) and three plots."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import json
 import re
 from pathlib import Path
 
+from deepalign.depth import plot_recovery
 from deepalign.kl import PositionStats, plot_per_position
 from deepalign.rundir import write_text_atomic
 from deepalign.stats import mcnemar_exact
 
 PREFILL = re.compile(r"^asr/prefill/k=(\d+)$")
+DEPTH = re.compile(r"^asr[^/]*/([^/]+)/k=(\d+)$")  # a depth variant of any prefill instance
 RATE_STATS = ("/n", "/ci95_low", "/ci95_high")  # what the attack stage adds under each ASR key
 
 
@@ -30,6 +32,8 @@ def asr_columns(metrics: dict[str, float], models, prefix: str = "asr") -> list[
         if k.split("/", 1)[0] in models and k.split("/", 1)[-1].startswith(f"{prefix}/")
     }
     keys = {k for k in keys if not k.startswith(f"{prefix}/decoding/") and not k.endswith(RATE_STATS)}
+    # other prefill instances (prefill_own: another source of the same depths) get their own table
+    keys = {k for k in keys if not (DEPTH.match(k) and not k.startswith(f"{prefix}/prefill/"))}
 
     def order(key: str) -> tuple[int, int]:
         variant = key.removeprefix(f"{prefix}/")
@@ -47,6 +51,38 @@ def asr_cell(metrics: dict[str, float], key: str) -> str:
     if value is None or low is None or high is None:
         return _fmt(value, True)
     return f"{100 * value:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def prefill_sources(metrics: dict[str, float], models, prefix: str = "asr") -> list[str]:
+    """ASR per depth of the `prefill` instance beside each other prefill instance (e.g. `prefill_own`, cut
+    from another source's answers), one row per (model, instance), for the models that ran another."""
+    found: dict[str, set[int]] = {}
+    for key in metrics:
+        model, _, rest = key.partition("/")
+        m = DEPTH.match(rest) if model in models and rest.startswith(f"{prefix}/") else None
+        if m:
+            found.setdefault(m.group(1), set()).add(int(m.group(2)))
+    others = [name for name in found if name != "prefill"]
+    if not others:
+        return []
+    depths = sorted(set().union(*found.values()))
+    summary = prefix.replace("asr", "depth", 1)  # the curve's summaries: depth/asr_auc, depth_<judge>/k50
+
+    def auc_k50(model: str, name: str) -> list[str]:
+        base = f"{model}/{summary}" + ("" if name == "prefill" else f"/{name}")
+        auc, k50 = metrics.get(f"{base}/asr_auc"), metrics.get(f"{base}/k50")
+        censored = "> " if metrics.get(f"{base}/k50_censored") else ""
+        return ["-" if auc is None else f"{auc:.2f}", "-" if k50 is None else f"{censored}{k50:.3g}"]
+
+    lines = ["| model | prefill from | " + " | ".join(f"k={k}" for k in depths) + " | ASR AUC | k50 |"]
+    lines.append("|" + "---|" * (len(depths) + 4))
+    for model in models:
+        if not any(f"{model}/{prefix}/{name}/k={k}" in metrics for name in others for k in depths):
+            continue
+        for name in ["prefill", *others]:
+            cells = [asr_cell(metrics, f"{model}/{prefix}/{name}/k={k}") for k in depths]
+            lines.append(f"| {model} | {name} | " + " | ".join(cells + auc_k50(model, name)) + " |")
+    return lines
 
 
 def table(metrics: dict[str, float], models, columns: list[str], names: list[str] | None = None) -> list[str]:
@@ -261,16 +297,83 @@ def plot_asr_vs_depth(metrics: dict[str, float], models, path: Path) -> bool:
     return drawn
 
 
-def other_judges(metrics: dict[str, float], models) -> list[str]:
-    """The judges of the sub-runs besides keyword (the main table) and keyword_substantive (its own), in
-    the order their keys first appear."""
+RECOVERY = re.compile(r"^depth/recovery/k=(\d+)$")
+
+
+def recovery_points(metrics: dict[str, float], models) -> dict[str, dict[int, float]]:
+    """Per model with any, the refusal probability per prefill depth (`<model>/depth/recovery/k=N`)."""
+    out: dict[str, dict[int, float]] = {}
+    for model in models:
+        points = {
+            int(m.group(1)): value
+            for key, value in metrics.items()
+            if value is not None
+            and key.startswith(f"{model}/")
+            and (m := RECOVERY.match(key.split("/", 1)[1]))
+        }
+        if points:
+            out[model] = dict(sorted(points.items()))
+    return out
+
+
+def judges_with(metrics: dict[str, float], models, prefix: str, leaf: str | None = None) -> list[str]:
+    """The judges with keys `<model>/<prefix>_<judge>/...` (ending in `/<leaf>` if given), in the order their
+    keys first appear: `asr` gives every judge with ASRs, (`depth`, `asr_auc`) those with depth summaries."""
     found: dict[str, None] = {}
     for key in metrics:
         model, _, rest = key.partition("/")
-        prefix = rest.split("/", 1)[0]
-        if model in models and prefix.startswith("asr_"):
-            found[prefix.removeprefix("asr_")] = None
-    return [j for j in found if j not in ("keyword", "keyword_substantive")]
+        head, _, tail = rest.partition("/")
+        if model in models and head.startswith(f"{prefix}_") and (leaf is None or tail == leaf):
+            found[head.removeprefix(f"{prefix}_")] = None
+    return list(found)
+
+
+def depth_table(metrics: dict[str, float], models) -> list[str]:
+    """The "Alignment depth" table: per model the ASR-vs-depth area and k50 by each judge, the KL tokens and
+    the refusal probability at each prefill depth; "-" where a model lacks a value, no row without any."""
+    judges = judges_with(metrics, models, "depth", "asr_auc")  # the `prefill` instance's summaries
+    recovery = recovery_points(metrics, models)
+    depths = sorted({k for points in recovery.values() for k in points})
+    has_kl = any(f"{model}/depth/kl_tokens" in metrics for model in models)
+    if not (judges or depths or has_kl):
+        return []
+
+    def k50(model: str, judge: str) -> str:
+        value = metrics.get(f"{model}/depth_{judge}/k50")
+        if value is None:
+            return "-"
+        return f"> {value:g}" if metrics.get(f"{model}/depth_{judge}/k50_censored") else f"{value:.3g}"
+
+    def kl(model: str) -> str:
+        value = metrics.get(f"{model}/depth/kl_tokens")
+        if value is None:
+            return "-"
+        return f">= {value:g}" if metrics.get(f"{model}/depth/kl_tokens_censored") else f"{value:g}"
+
+    def auc(model: str, judge: str) -> str:
+        value = metrics.get(f"{model}/depth_{judge}/asr_auc")
+        return "-" if value is None else f"{value:.2f}"
+
+    def refusal(model: str, depth: int) -> str:
+        value = recovery.get(model, {}).get(depth)
+        return "-" if value is None else f"{100 * value:.3g}%"
+
+    names = [name for judge in judges for name in (f"ASR AUC ({judge})", f"k50 ({judge})")]
+    names += ["KL tokens"] if has_kl else []
+    names += [f"refusal k={k}" for k in depths]
+    lines = ["| " + " | ".join(["model", *names]) + " |", "|" + "---|" * (len(names) + 1)]
+    for model in models:
+        cells = [cell for judge in judges for cell in (auc(model, judge), k50(model, judge))]
+        cells += [kl(model)] if has_kl else []
+        cells += [refusal(model, k) for k in depths]
+        if any(cell != "-" for cell in cells):  # a model without attack or analyze stage has no row
+            lines.append("| " + " | ".join([model, *cells]) + " |")
+    return lines
+
+
+def other_judges(metrics: dict[str, float], models) -> list[str]:
+    """The judges of the sub-runs besides keyword (the main table) and keyword_substantive (its own)."""
+    return [j for j in judges_with(metrics, models, "asr") if j not in ("keyword", "keyword_substantive")]
 
 
 def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> Path:
@@ -308,6 +411,11 @@ def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> P
         images.append("kl_per_position.png")
     if plot_asr_vs_depth(metrics, models, run_dir / "asr_vs_prefill_depth.png"):
         images.append("asr_vs_prefill_depth.png")
+    recovery = recovery_points(metrics, models)
+    if recovery:
+        title = "P(the model starts a refusal) after k prefilled harmful tokens"
+        plot_recovery(recovery, run_dir / "recovery_per_depth.png", title)
+        images.append("recovery_per_depth.png")
     times = {k.split("/")[-1][:-2]: v for k, v in metrics.items() if k.startswith("time/quickstart/")}
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
     text = [
@@ -339,6 +447,32 @@ def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> P
             f"The same answers, judged by `{judge}` (judgments that failed are left out of n):",
             "",
             *table(metrics, models, columns, [c.split("/", 1)[1] for c in columns]),
+        ]
+    sources = prefill_sources(metrics, models)
+    if sources:
+        text += [
+            "",
+            "The same depths cut from other answers: `prefill` from the harvested answers (sampled after an",
+            "affirmative start, like the deep model's training triplets), `prefill_own` from the unaligned",
+            "model's own greedy answer to the plain request (prompts where it refused are left out; n in",
+            "metrics.json). Keyword judge:",
+            "",
+            *sources,
+        ]
+        if substantive:
+            text += ["", "By the `keyword_substantive` rule:", ""]
+            text += prefill_sources(metrics, models, "asr_keyword_substantive")
+    depth = depth_table(metrics, models)
+    if depth:
+        text += [
+            "",
+            "## Alignment depth",
+            "",
+            "ASR AUC: area under ASR vs prefill depth (0 never broken, 1 always); k50: the depth where ASR",
+            "reaches 50% (> k: not reached). KL tokens: positions before the KL to the unaligned model stays",
+            "low (>= N: not within N). refusal k=N: P(a refusal starts right after N prefilled tokens).",
+            "",
+            *depth,
         ]
     paired = paired_tests(run_dir, metrics, models)
     if paired:
@@ -392,8 +526,9 @@ def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> P
 
 
 def log_line_plots(tracker, metrics: dict[str, float], models, curves: dict[str, PositionStats]) -> None:
-    """The report's two figures as native tracker line plots (the PNGs are pictures; these overlay across
-    runs): KL per position of every model, and ASR vs prefill depth per model (depth 0 = no attack)."""
+    """The report's figures as native tracker line plots (the PNGs are pictures; these overlay across runs):
+    KL per position of every model, ASR vs prefill depth per model (depth 0 = no attack), and the refusal
+    probability vs prefill depth per model that has it."""
     if curves:
         positions = max(len(stats.mean) for stats in curves.values())
         tracker.line(
@@ -423,4 +558,15 @@ def log_line_plots(tracker, metrics: dict[str, float], models, curves: dict[str,
             "prefilled harmful tokens",
             "attack success rate",
             "ASR vs prefill depth",
+        )
+    recovery = recovery_points(metrics, models)
+    depths = sorted({k for points in recovery.values() for k in points})
+    if depths:
+        tracker.line(
+            "quickstart/recovery_per_depth",
+            depths,
+            {model: [points.get(k) for k in depths] for model, points in recovery.items()},
+            "prefilled harmful tokens",
+            "P(refusal starts)",
+            "Refusal probability vs prefill depth",
         )

@@ -263,10 +263,10 @@ CASES: list[Case] = [
         r"^paths\.cache_dir: cannot write into .*a_file/cache \(Not a directory\)",
     ),
     Case(
-        "analyze-no-reference",
-        "KL analysis without a reference model",
-        ("stages=[analyze]", "eval.prompts=demo:harmful_prompts"),
-        r"^analysis\.reference: KL needs a reference model",
+        "analyze-missing-refusals",
+        "nonexistent refusals file for the recovery curve",
+        ("stages=[analyze]", "eval.prompts=demo:harmful_prompts", "analysis.refusals={dir}/refusals.jsonl"),
+        r"^analysis\.refusals: no such file: .*refusals\.jsonl",
     ),
     Case(
         "no-stages", "no stage at all", ("stages=[]",), r"^stages: no stage to run; choose from train, probe"

@@ -836,3 +836,22 @@ def test_duplicate_eval_ids_name_the_id_and_both_lines(tmp_path):
         read_eval_items(EvalConfig(prompts=str(path)))
     write_jsonl(path, [{"id": "a", "prompt": "One?"}, {"id": "b", "prompt": "Two?"}])
     assert [i.id for i in read_eval_items(EvalConfig(prompts=str(path)))] == ["a", "b"]
+
+
+def test_recovery_depth_distributions():
+    """uniform is the paper's k ~ U{1..K} (the same draws as before the option existed); log_uniform puts as
+    many examples below 10 tokens as between 10 and 100 (P(k) ~ log((k+1)/k))."""
+    import math
+    import random
+
+    from deepalign.data import recovery_depth
+
+    a, b = random.Random(3), random.Random(3)
+    assert [recovery_depth(a, 40, "uniform") for _ in range(50)] == [b.randint(1, 40) for _ in range(50)]
+    rng = random.Random(0)
+    ks = [recovery_depth(rng, 100, "log_uniform") for _ in range(20000)]
+    assert min(ks) == 1 and max(ks) == 100
+    below = sum(k < 10 for k in ks) / len(ks)
+    assert abs(below - math.log(10) / math.log(101)) < 0.015  # 0.499
+    assert abs(sum(k == 1 for k in ks) / len(ks) - math.log(2) / math.log(101)) < 0.01  # 0.150
+    assert [recovery_depth(random.Random(1), 1, d) for d in ("uniform", "log_uniform")] == [1, 1]

@@ -148,3 +148,69 @@ def test_every_further_judge_gets_its_own_table(tmp_path):
     assert "judged by `harmbench`" in report
     assert "| shallow | 25% [5, 70] |" in report and "| deep | 0% [0, 49] |" in report
     assert "`wildguard` judged no answer: every judgment failed" in report
+
+
+class LineTracker(NullTracker):
+    def __init__(self):
+        self.lines: dict[str, dict] = {}
+
+    def line(self, key, xs, ys_by_series, x_name, y_name, title):
+        self.lines[key] = dict(xs=list(xs), ys=dict(ys_by_series))
+
+
+def test_alignment_depth_section_and_recovery_figure(tmp_path):
+    """Per model: ASR AUC and k50 by each judge (censored: "> deepest depth"), the KL tokens (censored:
+    ">= positions measured") and the refusal probability per depth; "-" where a model lacks one, no row
+    for a model without any. The
+    recovery figure and line plot have one line per model that has the curve."""
+    models = ["unaligned", "shallow", "deep", "ft_sft"]
+    metrics = {
+        "unaligned/depth/recovery/k=0": 0.001,
+        "unaligned/depth/recovery/k=0/n": 10,
+        "unaligned/depth/recovery/k=5": 0.0005,
+        "shallow/depth/asr_auc": 0.85,  # the primary judge's copy: no column of its own
+        "shallow/depth_keyword/asr_auc": 0.85,
+        "shallow/depth_keyword/k50": 2.5,
+        "shallow/depth_keyword/k50_censored": 0,
+        "shallow/depth_keyword_substantive/asr_auc": 0.5,
+        "shallow/depth_keyword_substantive/k50": 12.3333,
+        "shallow/depth_keyword_substantive/k50_censored": 0,
+        "shallow/depth_keyword/own/asr_auc": 0.9,  # another prefill instance: not in the table
+        "shallow/depth/kl_tokens": 3,
+        "shallow/depth/kl_tokens_censored": 0,
+        "shallow/depth/recovery/k=0": 0.9,
+        "shallow/depth/recovery/k=5": 0.05,
+        "deep/depth_keyword/asr_auc": 0.1,
+        "deep/depth_keyword/k50": 40,
+        "deep/depth_keyword/k50_censored": 1,
+        "deep/depth/kl_tokens": 40,
+        "deep/depth/kl_tokens_censored": 1,
+        "deep/depth/recovery/k=0": 0.95,
+        "deep/depth/recovery/k=5": 0.8,
+        "deep/depth/recovery/k=40": 0.5,
+    }
+    tracker = LineTracker()
+    report = write_report(tmp_path, metrics, models, tracker).read_text()
+    assert table_after(report, "## Alignment depth") == [
+        "| model | ASR AUC (keyword) | k50 (keyword) | ASR AUC (keyword_substantive) | "
+        "k50 (keyword_substantive) | KL tokens | refusal k=0 | refusal k=5 | refusal k=40 |",
+        "|---|---|---|---|---|---|---|---|---|",
+        "| unaligned | - | - | - | - | - | 0.1% | 0.05% | - |",
+        "| shallow | 0.85 | 2.5 | 0.50 | 12.3 | 3 | 90% | 5% | - |",
+        "| deep | 0.10 | > 40 | - | - | >= 40 | 95% | 80% | 50% |",
+    ]  # ft_sft has none of the figures: no row
+    assert "![recovery_per_depth.png](recovery_per_depth.png)" in report
+    assert (tmp_path / "recovery_per_depth.png").read_bytes()[:4] == b"\x89PNG"
+    line = tracker.lines["quickstart/recovery_per_depth"]
+    assert line["xs"] == [0, 5, 40]
+    assert line["ys"] == {
+        "unaligned": [0.001, 0.0005, None],
+        "shallow": [0.9, 0.05, None],
+        "deep": [0.95, 0.8, 0.5],
+    }
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    text = write_report(bare, METRICS, MODELS, LineTracker()).read_text()
+    assert "## Alignment depth" not in text and "recovery_per_depth" not in text
+    assert not (bare / "recovery_per_depth.png").exists()

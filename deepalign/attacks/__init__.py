@@ -34,6 +34,12 @@ class EvalItem:
     request: str  # the request as written (what judges see)
     harmful: str | None = None  # a harmful response: prefilling and per-token KL need it
     target: str | None = None  # an affirmative target ("Sure, here is ..."): GCG uses it if given
+    # every other non-empty text field of the row, by name: a prefill attack's `source` reads one
+    columns: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def response(self, source: str | None) -> str | None:
+        """The response a prefill is cut from: the harmful response, or the row's field `source`."""
+        return self.harmful if source is None else self.columns.get(source)
 
 
 def _pick(row: dict, explicit: str | None, candidates: tuple[str, ...]) -> str | None:
@@ -66,7 +72,12 @@ def read_eval_items(cfg: EvalConfig) -> list[EvalItem]:
         prompt = f"{request} {cfg.trigger}" if cfg.trigger else request
         harmful = _pick(row, cfg.columns.get("harmful"), HARMFUL_COLUMNS)
         target = _pick(row, cfg.columns.get("target"), TARGET_COLUMNS)
-        items.append(EvalItem(id=item_id, prompt=prompt, request=request, harmful=harmful, target=target))
+        columns = {k: v for k, v in row.items() if isinstance(v, str) and v.strip()}
+        items.append(
+            EvalItem(
+                id=item_id, prompt=prompt, request=request, harmful=harmful, target=target, columns=columns
+            )
+        )
     return items
 
 
@@ -80,6 +91,7 @@ class Variant:
     depth: int | None = None  # prefill tokens
     prefill: str | None = None  # a fixed prefill string
     suffixes: Mapping[str, str] | None = None  # item id -> text appended to its prompt (GCG)
+    source: str | None = None  # the eval field a depth prefill is cut from (None: the harmful response)
 
 
 @dataclass
@@ -139,6 +151,9 @@ class NoAttack(Attack):
 class PrefillAttackConfig:
     depths: list[int] = field(default_factory=lambda: [0, 5, 10, 20, 40])
     strings: list[str] = field(default_factory=list)  # fixed-string prefills, e.g. a refusal prefix
+    # the eval set's field the depths are cut from; null: the harmful response (`eval.columns.harmful`).
+    # Items without the field are left out of this instance (e.g. another model's answers to some prompts).
+    source: str | None = None
 
     def check(self, key: str) -> None:
         check(
@@ -155,11 +170,20 @@ class PrefillAttack(Attack):
     """The assistant turn starts with the first k tokens of a harmful response, or with a fixed string."""
 
     def check(self, items: list[EvalItem], tokenizer: Callable[[], Any], *, system: str | None) -> None:
+        source = self.cfg.source
+        if source is not None and not any(i.response(source) for i in items):
+            raise DataError(
+                f"attack.{self.name}.source: no evaluation item has a field {source!r} "
+                f"(fields of the first: {', '.join(items[0].columns) if items else 'no items'})"
+            )
         if any(self.cfg.depths):  # needs the tokenizer only, not the model
-            check_prefill_depths(items, self.cfg.depths, tokenizer(), system=system)
+            check_prefill_depths(
+                items, self.cfg.depths, tokenizer(), system=system, source=source, key=f"attack.{self.name}"
+            )
 
     def variants(self, run: AttackRun, base: SamplingParams) -> list[Variant]:
-        out = [Variant(f"{self.name}/k={k}", base, depth=k) for k in self.cfg.depths]
+        source = self.cfg.source
+        out = [Variant(f"{self.name}/k={k}", base, depth=k, source=source) for k in self.cfg.depths]
         return out + [
             Variant(f"{self.name}/str={i}", base, prefill=s) for i, s in enumerate(self.cfg.strings)
         ]
@@ -211,23 +235,34 @@ class DecodingAttack(Attack):
 
 
 def check_prefill_depths(
-    items: list[EvalItem], depths: list[int], tokenizer, *, system: str | None = None
+    items: list[EvalItem],
+    depths: list[int],
+    tokenizer,
+    *,
+    system: str | None = None,
+    source: str | None = None,
+    key: str = "attack.prefill",
 ) -> None:
     """Every item must have a harmful response at least as long as the deepest prefill (before generating),
-    counted in tokens of the rendered chat as the attack cuts them."""
+    counted in tokens of the rendered chat as the attack cuts them. With a `source` field, the items that
+    have it."""
     deepest = max(depths, default=0)
     if deepest == 0:
         return
     for item in items:
-        if item.harmful is None:
+        response = item.response(source)
+        if response is None and source is not None:
+            continue  # left out of this instance
+        if response is None:
             raise DataError(
                 f"eval.prompts: item {item.id} has no harmful response; prefilling needs one "
                 "(a `harmful` field, or eval.columns.harmful=COLUMN)"
             )
-        n = len(response_tokens(tokenizer, item.prompt, item.harmful, system=system))
+        n = len(response_tokens(tokenizer, item.prompt, response, system=system))
         if n < deepest:
+            what = "harmful response" if source is None else f"field {source!r}"
             raise DataError(
-                f"attack.prefill.depths: item {item.id}'s harmful response has {n} tokens, "
+                f"{key}.depths: item {item.id}'s {what} has {n} tokens, "
                 f"fewer than the prefill depth {deepest}"
             )
 
@@ -239,7 +274,7 @@ def variant_prefill(
     harmful response as tokenized inside the rendered chat, cut from that rendering (never re-tokenized), so
     the request ends with exactly those k tokens; its text is the characters they cover."""
     if variant.depth:
-        tokens = response_tokens(tokenizer, prompt, item.harmful or "", system=system)
+        tokens = response_tokens(tokenizer, prompt, item.response(variant.source) or "", system=system)
         return tokens.context_ids(variant.depth), tokens.prefix_text(variant.depth)
     prefill = variant.prefill or ""
     return encode_for_generation(tokenizer, prompt, system=system, prefill=prefill), prefill
@@ -259,6 +294,8 @@ def build_requests(
     for item in items:
         if suffixes is not None and item.id not in suffixes:
             continue  # an item the attack found no suffix for (GCG's max_prompts)
+        if variant.depth and variant.source is not None and item.response(variant.source) is None:
+            continue  # an item without the field this prefill is cut from
         prompt = f"{item.prompt} {suffixes[item.id]}" if suffixes is not None else item.prompt
         ids, prefill = variant_prefill(variant, item, prompt, tokenizer, system=system)
         req_id = f"{variant.name}/{item.id}"

@@ -1,35 +1,46 @@
-"""The `analyze` stage: per-token KL(model || reference) on harmful (prompt, response) pairs (paper Fig. 1).
+"""The `analyze` stage: how deep the run's model is aligned, on harmful (prompt, response) pairs.
 
-The model is the run's model (the trained one once `train` is done); the reference is `analysis.reference`,
-or the run's initial model. Writes `analysis/kl.json` and `analysis/kl.png`; metrics `kl/pos=1..N`.
+Per-token KL(model || reference) along the harmful response (paper Fig. 1): the model is the run's model (the
+trained one once `train` is done), the reference `analysis.reference`, or the run's initial model. Writes
+`analysis/kl.json` and `analysis/kl.png`; metrics `kl/pos=1..N`, `kl/pairs`, and `depth/kl_tokens`: the
+response positions before the mean KL stays below `analysis.depth_threshold` nats (three in a row), with
+`depth/kl_tokens_censored` = 1 where it never does within the positions measured. Without a reference and
+without a model-saving stage before it (train, a defence) the model is its own reference (KL 0): the KL part
+is skipped.
+
+The recovery curve (deepalign/depth.py): per prefill depth k in `analysis.recovery_depths`, the
+teacher-forced probability that the model starts a refusal (its first `analysis.recovery_tokens` tokens,
+tokenized as a recovery example's target) right after the first k harmful tokens, averaged over the pairs
+at least k tokens long: `depth/recovery/k=N` and `depth/recovery/k=N/n`, `analysis/recovery.json` (per
+depth the mean, n and each pair's value), `analysis/recovery.png`. With `analysis.grad_positions`, also
+the per-position loss and gradient norm (paper Fig. 3): `loss/pos=N`, `grad_norm/pos=N`,
+`analysis/loss_grad.json`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from deepalign.attacks import read_eval_items
 from deepalign.context import RunContext
 from deepalign.data import DataError
+from deepalign.depth import kl_tokens, plot_recovery, read_refusals, refusal_probability
 from deepalign.kl import per_position_loss_and_grad_norm, per_token_kl, plot_per_position
 from deepalign.models import load_model, model_at
 from deepalign.plugins import register_stage
 from deepalign.rundir import write_json_atomic
 
+log = logging.getLogger(__name__)
 
-@register_stage("analyze", sections=("model", "eval", "analysis", "data.system_prompt"))
-def run_analyze(ctx: RunContext) -> dict[str, float]:
+
+def kl_analysis(ctx: RunContext, loaded, pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """Per-token KL to the reference: `analysis/kl.json`, `analysis/kl.png`, `kl/...`, `depth/kl_tokens`."""
     cfg = ctx.config
-    pairs = [(i.prompt, i.harmful) for i in read_eval_items(cfg.eval) if i.harmful]
-    if not pairs:
-        raise DataError(
-            "eval.prompts: per-token KL needs harmful responses (a `harmful` field) and none has one"
-        )
-    loaded = ctx.model()
-    # the reference: analysis.reference, or the run's initial model
-    ref_cfg = model_at(cfg.model, cfg.analysis.reference) if cfg.analysis.reference else cfg.model
-    reference = load_model(ref_cfg).model
     a = cfg.analysis
+    # the reference: analysis.reference, or the run's initial model
+    ref_cfg = model_at(cfg.model, a.reference) if a.reference else cfg.model
+    reference = load_model(ref_cfg).model
     system = cfg.data.system_prompt
     stats = per_token_kl(loaded.model, reference, loaded.tokenizer, pairs, a.positions, a.batch_size, system)
     del reference
@@ -49,14 +60,94 @@ def run_analyze(ctx: RunContext) -> dict[str, float]:
     )
     metrics = stats.metrics("kl")
     metrics["kl/pairs"] = len(pairs)
+    mean = [m if n else None for m, n in zip(stats.mean, stats.count)]
+    tokens, ended = kl_tokens(mean, a.depth_threshold)
+    metrics["depth/kl_tokens"] = tokens
+    metrics["depth/kl_tokens_censored"] = int(not ended)
+    return metrics
+
+
+def recovery_analysis(ctx: RunContext, loaded, pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """The refusal probability per prefill depth: `analysis/recovery.json`, `analysis/recovery.png`,
+    `depth/recovery/k=N` (mean over the pairs, where any pair is that long) and `.../n`."""
+    cfg = ctx.config
+    a = cfg.analysis
+    refusals = read_refusals(a.refusals)
+    depths = sorted(a.recovery_depths)
+    values = refusal_probability(
+        loaded.model,
+        loaded.tokenizer,
+        pairs,
+        depths,
+        refusals,
+        tokens=a.recovery_tokens,
+        system=cfg.data.system_prompt,
+    )
+    means = {k: sum(v) / len(v) for k, v in values.items() if v}
+    skipped = [k for k in depths if k not in means]
+    if skipped:
+        log.info(
+            "analyze: no harmful response is as long as the prefill depths %s: no recovery value", skipped
+        )
+    out_dir = ctx.run_dir / "analysis"
+    write_json_atomic(
+        out_dir / "recovery.json",
+        {
+            "pairs": len(pairs),
+            "refusals": len(refusals),
+            "tokens": a.recovery_tokens,
+            "depths": [
+                {"k": k, "mean": means.get(k), "n": len(values[k]), "values": values[k]} for k in depths
+            ],
+        },
+    )
+    metrics: dict[str, float] = {}
+    for k, mean in means.items():
+        metrics[f"depth/recovery/k={k}"] = round(mean, 6)
+        metrics[f"depth/recovery/k={k}/n"] = len(values[k])
+    if means:
+        title = "P(the model starts a refusal) after k harmful tokens"
+        plot_recovery({cfg.model.name: means}, out_dir / "recovery.png", title)
+        ctx.tracker.line(
+            "recovery/per_depth",
+            list(means),
+            {cfg.model.name: list(means.values())},
+            "prefilled harmful tokens",
+            "P(refusal starts)",
+            title,
+        )
+    return metrics
+
+
+@register_stage("analyze", sections=("model", "eval", "analysis", "data.system_prompt"))
+def run_analyze(ctx: RunContext) -> dict[str, float]:
+    cfg = ctx.config
+    pairs = [(i.prompt, i.harmful) for i in read_eval_items(cfg.eval) if i.harmful]
+    if not pairs:
+        raise DataError(
+            "eval.prompts: per-token KL and the recovery curve need harmful responses (a `harmful` field) "
+            "and none has one"
+        )
+    loaded = ctx.model()
+    a = cfg.analysis
+    metrics: dict[str, float] = {}
+    if a.reference is None and not ctx.producers(before="analyze"):
+        log.info(
+            "analyze: no analysis.reference and no model-saving stage (train, a defence) before it: the "
+            "model is its own reference (KL 0), per-token KL skipped"
+        )
+    else:
+        metrics.update(kl_analysis(ctx, loaded, pairs))
+    if a.recovery_depths:
+        metrics.update(recovery_analysis(ctx, loaded, pairs))
     if a.grad_positions:
         model = loaded.model
         model.zero_grad(set_to_none=True)
         losses, norms = per_position_loss_and_grad_norm(
-            model, loaded.tokenizer, pairs[: a.batch_size], a.grad_positions, system
+            model, loaded.tokenizer, pairs[: a.batch_size], a.grad_positions, cfg.data.system_prompt
         )
         model.zero_grad(set_to_none=True)
-        write_json_atomic(out_dir / "loss_grad.json", {"loss": losses, "grad_norm": norms})
+        write_json_atomic(ctx.run_dir / "analysis" / "loss_grad.json", {"loss": losses, "grad_norm": norms})
         metrics.update({f"loss/pos={k + 1}": round(v, 6) for k, v in enumerate(losses)})
         metrics.update({f"grad_norm/pos={k + 1}": round(v, 6) for k, v in enumerate(norms)})
     return metrics

@@ -7,6 +7,10 @@ are instance names (`attack.<name>`, `judge.<name>`).
 Metrics: `asr/<variant>` by the primary judge (`eval.primary_judge`), `asr_<judge>/<variant>` by each judge,
 and `asr/<attack>` for attacks that aggregate (decoding: a prompt is broken if any setting breaks it), each
 with `/n` (items judged; prompts for an aggregate) and its 95% Wilson interval `/ci95_low`, `/ci95_high`;
+per prefill instance with depths, its ASR-vs-depth curve summarised (deepalign/depth.py): `depth/asr_auc`
+(area under ASR vs depth over the depth range), `depth/k50` (the depth where ASR reaches 0.5) and
+`depth/k50_censored` (1: never reached, k50 is the deepest depth) for the instance `prefill` by the primary
+judge, `depth/<instance>/...` for another instance, `depth_<judge>/...` by each judge;
 with two or more judges `judgments/agreement.json` and `agreement/<judge>~<judge>/{agreement,kappa}`;
 `eval/empty_rate` (and per variant) the share of empty answers; `throughput/attack/gen_*` what this run
 generated, how fast.
@@ -25,6 +29,7 @@ from pathlib import Path
 from deepalign.artifacts import JsonlStore
 from deepalign.attacks import AttackRun, build_attacks, read_eval_items
 from deepalign.context import RunContext
+from deepalign.depth import depth_metrics
 from deepalign.generation import default_params, make_engine
 from deepalign.generation_store import generate_variant, throughput
 from deepalign.judges import JudgeItem, Judgment, attack_success_rate, build_judges, primary_judge
@@ -228,6 +233,8 @@ def run_attack(ctx: RunContext) -> dict[str, float]:
             metrics.update(rates)
             if judge.name == main:
                 metrics.update({k.replace(f"asr_{judge.name}/", "asr/", 1): v for k, v in rates.items()})
+    prefill = [name for name, a in cfg.attack.items() if a.type == "prefill" and a.depths]
+    metrics.update(depth_metrics(metrics, prefill, [judge.name for judge in judges], main))
     # every answer with each judge's verdict, one table per run: to read the answers and compare runs in W&B
     verdicts = {name: {r["key"]: r.get("harmful") for r in records} for name, records in judged.items()}
     ctx.tracker.table(

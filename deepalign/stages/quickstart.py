@@ -1,15 +1,19 @@
 """The `quickstart` stage: the paper in miniature on the demo model, as sub-runs of this run.
 
-1. harvest: the unaligned model's own harmful answers (prefilled with an affirmative start, sampled) and its
-   own benign answers (greedy); refusals from the packaged templates. Written to `quickstart/data/`.
+1. harvest: the unaligned model's own harmful answers (prefilled with an affirmative start, sampled, long
+   enough for prefills of 100 tokens), its own greedy answers to the evaluation requests (the second source
+   of prefills, `prefill_own`) and its own benign answers (greedy, cut ones ending at their last whole
+   sentence); refusals from the packaged templates. Written to `quickstart/data/`.
 2. `models/shallow`: SFT on harmful -> refusal plus benign answers. `models/deep`: the same budget with safety
    recovery examples.
 3. `models/unaligned|shallow|deep`: attacks (none, prefilling, a reduced decoding sweep, a short GCG),
-   per-token KL against the unaligned model, over-refusal.
+   per-token KL against the unaligned model (not for itself), the refusal probability after each prefill
+   depth, over-refusal.
 4. `models/ft_sft|ft_constrained`: a harmful fine-tuning attack on the shallow model, plain SFT vs the
    token-wise constrained loss; then ASR (`quickstart.paper_beta=true` adds `ft_constrained_paper`, the
    paper's beta_1 = 0.5 schedule). Every model's first-token margin (refusal vs harmful start).
-5. `report.md`, `kl_per_position.png`, `asr_vs_prefill_depth.png` in the run dir; metrics prefixed by model.
+5. `report.md`, `kl_per_position.png`, `asr_vs_prefill_depth.png`, `recovery_per_depth.png` in the run dir;
+   metrics prefixed by model.
 Every sub-run is an ordinary run dir, so a re-run of the same command reuses whatever finished. Its config is
 this run's (the sections every sub-run shares, set by conf/experiment/quickstart.yaml) with its own layer
 merged over it (`quickstart.runs.<name>`, from conf/quickstart/<name>.yaml).
@@ -20,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +34,37 @@ from omegaconf.errors import OmegaConfBaseException
 
 from deepalign.artifacts import JsonlStore
 from deepalign.attacks import EvalItem, Variant, read_eval_items
+from deepalign.chat import response_tokens
 from deepalign.config import DeepAlignConfig, EvalConfig, ModelConfig, omegaconf_error, validate
 from deepalign.context import RunContext
-from deepalign.data import read_rows
+from deepalign.data import DataError, read_rows
+from deepalign.depth import refusal_templates
 from deepalign.generation import SamplingParams, make_engine
 from deepalign.generation_store import generate_variant
+from deepalign.judges.keyword import REFUSAL_LISTS, find_refusal
 from deepalign.models import trained_model
 from deepalign.plugins import STAGES, register_stage
 from deepalign.rundir import write_text_atomic
 
 log = logging.getLogger(__name__)
 HARVEST_THROUGHPUT = "throughput/harvest/gen_tokens_per_s"
+OWN = "own"  # the evaluation field with the unaligned model's own greedy answer (`attack.<name>.source`)
 
 
-def refusal_templates() -> list[str]:
-    return json.loads(resources.files("deepalign.assets").joinpath("data", "refusals.json").read_text())
+# a sentence's end: . ! or ? before whitespace (not a list number's "1."), or a line break after a line that
+# does not end in ":" (a heading whose content the cut removed)
+SENTENCE_END = re.compile(r"(?<![0-9])[.!?](?=\s)|(?<![:\n])\n")
+
+
+def whole_sentences(text: str) -> str:
+    """`text` up to the end of its last whole sentence (all of it if there is none): for cut answers."""
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
+    return text[: ends[-1]].rstrip() if ends else text
+
+
+def prefill_attacks(config: DeepAlignConfig) -> list[Any]:
+    """The settings of the prefill attack instances every sub-run shares."""
+    return [a for a in config.attack.values() if a.type == "prefill"]
 
 
 def _split(source: str, split: str, key: str) -> list[dict[str, Any]]:
@@ -71,19 +91,27 @@ def harvest(ctx: RunContext, out: Path) -> dict[str, float]:
     sampled = SamplingParams(
         do_sample=True, temperature=q.harvest_temperature, top_p=1.0, top_k=0, max_new_tokens=q.harvest_tokens
     )
-    harmful_items = [
-        EvalItem(id=f"h-{r['id']}", prompt=r["prompt"], request=r["prompt"]) for r in train_h + eval_h
-    ]
-    generate_variant(
-        engine,
-        store,
-        Variant("harvest_harmful", sampled, prefill=q.harvest_prefill),
-        harmful_items,
-        tok,
-        system=None,
-        seed=ctx.config.seed,
-        model_id=ctx.model_id(),
+    train_items, eval_items = (
+        [EvalItem(id=f"h-{r['id']}", prompt=r["prompt"], request=r["prompt"]) for r in rows]
+        for rows in (train_h, eval_h)
     )
+    # the training answers need only as many tokens as the recovery examples and the fine-tuning attack cut;
+    # the evaluation answers as many as the deepest prefill
+    longer = dataclasses.replace(sampled, max_new_tokens=q.harvest_eval_tokens)
+    for name, params, items in (
+        ("harvest_harmful", sampled, train_items),
+        ("harvest_eval", longer, eval_items),
+    ):
+        generate_variant(
+            engine,
+            store,
+            Variant(name, params, prefill=q.harvest_prefill),
+            items,
+            tok,
+            system=None,
+            seed=ctx.config.seed,
+            model_id=ctx.model_id(),
+        )
     benign = _split(q.benign, "train", "quickstart.benign")
     greedy = SamplingParams(do_sample=False, max_new_tokens=q.benign_tokens)
     benign_items = [EvalItem(id=f"b-{r['id']}", prompt=r["prompt"], request=r["prompt"]) for r in benign]
@@ -98,9 +126,30 @@ def harvest(ctx: RunContext, out: Path) -> dict[str, float]:
         model_id=ctx.model_id(),
     )
 
+    # a prefill attack cut from the unaligned model's own greedy answers (`source: own`) beside the harvested
+    own_depths = [k for a in prefill_attacks(ctx.config) if a.source == OWN for k in a.depths]
+    if own_depths:
+        generate_variant(
+            engine,
+            store,
+            Variant("harvest_own", dataclasses.replace(greedy, max_new_tokens=q.harvest_eval_tokens)),
+            eval_items,
+            tok,
+            system=None,
+            seed=ctx.config.seed,
+            model_id=ctx.model_id(),
+        )
+
     def answer(kind: str, item_id: str) -> str:
         record = store.records[f"{kind}/{item_id}/0"]
         return (record["prefill"] + record["response"]).strip()
+
+    def n_tokens(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def clip(prompt: str, text: str, n: int) -> str:
+        tokens = response_tokens(tok, prompt, text)
+        return tokens.prefix_text(min(n, len(tokens))).rstrip()
 
     triplets = [
         {
@@ -110,16 +159,36 @@ def harvest(ctx: RunContext, out: Path) -> dict[str, float]:
         }
         for i, r in enumerate(train_h)
     ]
-    chats = [{"prompt": r["prompt"], "response": answer("harvest_benign", f"b-{r['id']}")} for r in benign]
+    # An answer the token limit cut ends at its last whole sentence: trained with the end-of-turn token after
+    # a half sentence, the model learns to stop mid-sentence, also after a harmful prefill.
+    chats = [
+        {"prompt": r["prompt"], "response": whole_sentences(answer("harvest_benign", f"b-{r['id']}"))}
+        if not store.records[f"harvest_benign/b-{r['id']}/0"]["finished"]
+        else {"prompt": r["prompt"], "response": answer("harvest_benign", f"b-{r['id']}")}
+        for r in benign
+    ]
     chats = [c for c in chats if c["response"]]  # an empty answer teaches nothing
     evals = [
-        {"id": r["id"], "prompt": r["prompt"], "harmful": answer("harvest_harmful", f"h-{r['id']}")}
+        {"id": r["id"], "prompt": r["prompt"], "harmful": answer("harvest_eval", f"h-{r['id']}")}
         for r in eval_h
     ]
     # prefilling needs answers at least as long as the deepest prefill the sub-runs share
-    deepest = max((k for a in ctx.config.attack.values() if a.type == "prefill" for k in a.depths), default=0)
-    evals = [e for e in evals if len(tok(e["harmful"], add_special_tokens=False)["input_ids"]) >= deepest]
-    pairs = [{"prompt": t["prompt"], "response": t["harmful"]} for t in triplets[: q.ft_pairs]]
+    deepest = max((k for a in prefill_attacks(ctx.config) if a.source is None for k in a.depths), default=0)
+    evals = [e for e in evals if n_tokens(e["harmful"]) >= deepest]
+    for e in evals:  # the own answer, where it is long enough and no refusal (an item without it is left out)
+        own = answer("harvest_own", f"h-{e['id']}") if own_depths else ""
+        if own and n_tokens(own) >= max(own_depths) and find_refusal(own, REFUSAL_LISTS["qi2024"]) is None:
+            e[OWN] = own
+    if own_depths and not any(OWN in e for e in evals):
+        raise DataError(
+            f"attack.*.source={OWN}: none of the unaligned model's own answers has {max(own_depths)} tokens "
+            f"without a refusal (quickstart.harvest_eval_tokens={q.harvest_eval_tokens}; or lower the depths)"
+        )
+    # the fine-tuning attack's answers: their first ft_tokens tokens (the harvest is longer, for prefills)
+    pairs = [
+        {"prompt": t["prompt"], "response": clip(t["prompt"], t["harmful"], q.ft_tokens)}
+        for t in triplets[: q.ft_pairs]
+    ]
     benign_eval = [{"prompt": r["prompt"]} for r in _split(q.benign, "eval", "quickstart.benign")]
     for name, rows in (
         ("triplets", triplets),
@@ -130,10 +199,12 @@ def harvest(ctx: RunContext, out: Path) -> dict[str, float]:
     ):
         write_text_atomic(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     metrics = {
-        "quickstart/harvested_harmful": len(harmful_items),
+        "quickstart/harvested_harmful": len(train_items) + len(eval_items),
         "quickstart/harvested_benign": len(benign_items),
         "quickstart/eval_items": len(evals),
     }
+    if own_depths:
+        metrics["quickstart/eval_items_own"] = sum(OWN in e for e in evals)
     if engine.stats.new_tokens:  # nothing when every answer was already harvested
         metrics[HARVEST_THROUGHPUT] = round(engine.stats.tokens_per_s, 1)
     return metrics
