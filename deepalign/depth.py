@@ -207,6 +207,8 @@ def refusal_probability(
     carried over, reads the next-token distribution after every depth; a refusal start's later tokens are a
     short pass on a copy of the cache there."""
     out: dict[int, list[float]] = {depth: [] for depth in depths}
+    # the cache argument: `cache` from transformers 5.2x, `past_key_values` before
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     training = model.training
     model.eval()
     try:
@@ -227,11 +229,11 @@ def refusal_probability(
                     cases.append((depth, *found))
             cache, done = None, 0  # the KV cache of the context's first `done` tokens
             for depth, context, continuations in cases:  # every context extends the one before
-                logits, cache = _forward(model, context[done:], cache, last_only=True)
+                logits, cache = _forward(model, cache_arg, context[done:], cache, last_only=True)
                 done = len(context)
                 logp = {(): F.log_softmax(logits[-1].float(), dim=-1)}
                 for stem in {c[:-1] for c in continuations if len(c) > 1}:  # a refusal start's later tokens
-                    later, _ = _forward(model, list(stem), copy.deepcopy(cache))
+                    later, _ = _forward(model, cache_arg, list(stem), copy.deepcopy(cache))
                     logp.update(
                         {stem[: i + 1]: F.log_softmax(row.float(), dim=-1) for i, row in enumerate(later)}
                     )
@@ -245,13 +247,11 @@ def refusal_probability(
     return out
 
 
-def _forward(model, ids: list[int], cache, last_only: bool = False):
+def _forward(model, cache_arg: str, ids: list[int], cache, last_only: bool = False):
     """The logits of `ids` [len, vocab] (of the last only: [1, vocab]) given the KV cache of what precedes
-    them (None: nothing), and the cache extended by them. The cache argument is `cache` from transformers
-    5.2x, `past_key_values` before."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    them (None: nothing), passed as `cache_arg`, and the cache extended by them."""
     device = next(model.parameters()).device
-    kwargs = {name: cache, "logits_to_keep": 1} if last_only else {name: cache}
+    kwargs = {cache_arg: cache, "logits_to_keep": 1} if last_only else {cache_arg: cache}
     out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, **kwargs)
     return out.logits[0], getattr(out, "cache", None) or out.past_key_values
 

@@ -159,14 +159,14 @@ def harvest(ctx: RunContext, out: Path) -> dict[str, float]:
         }
         for i, r in enumerate(train_h)
     ]
+
     # An answer the token limit cut ends at its last whole sentence: trained with the end-of-turn token after
     # a half sentence, the model learns to stop mid-sentence, also after a harmful prefill.
-    chats = [
-        {"prompt": r["prompt"], "response": whole_sentences(answer("harvest_benign", f"b-{r['id']}"))}
-        if not store.records[f"harvest_benign/b-{r['id']}/0"]["finished"]
-        else {"prompt": r["prompt"], "response": answer("harvest_benign", f"b-{r['id']}")}
-        for r in benign
-    ]
+    def benign_answer(item_id: str) -> str:
+        text = answer("harvest_benign", item_id)
+        return text if store.records[f"harvest_benign/{item_id}/0"]["finished"] else whole_sentences(text)
+
+    chats = [{"prompt": r["prompt"], "response": benign_answer(f"b-{r['id']}")} for r in benign]
     chats = [c for c in chats if c["response"]]  # an empty answer teaches nothing
     evals = [
         {"id": r["id"], "prompt": r["prompt"], "harmful": answer("harvest_eval", f"h-{r['id']}")}
