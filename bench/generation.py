@@ -1,8 +1,9 @@
-"""Batched generation (deepalign.generation.HFEngine) vs one prompt at a time with `model.generate`, and the
-engine's per-row sampler vs greedy decoding at the same shape.
+"""Batched generation (deepalign.generation.HFEngine) vs one prompt at a time with `model.generate`, the
+engine's per-row sampler vs greedy decoding at the same shape, and its KV caches (dynamic vs static).
 
     python bench/generation.py                 # SmolLM2-135M-Instruct, 32 prompts, 32 new tokens
     python bench/generation.py --quick         # the tiny random model, 8 prompts, 8 new tokens
+    python bench/generation.py --only-caches   # the cache table alone (e.g. on a GPU)
 
 The prompts are the packaged benign prompts, chat-formatted through the tokenizer's template
 (`encode_for_generation`), the same ids for every variant. The baseline calls `model.generate` on one prompt
@@ -17,6 +18,12 @@ so a row's sample depends on its batch). A sampled row can stop at EOS earlier o
 so the comparison is per decoding step: a batch runs until its longest row ends, and its steps are that
 row's length (EOS included); time per step = the wall time of `generate` / the steps of all batches. Each
 variant runs `--repeats` times, in rounds over all variants, and the median run is reported.
+
+The third table runs the same prompts greedily at the largest batch size with each KV cache (`--caches`,
+`generation.cache`): transformers' dynamic one, and a static one, with which `generate` compiles the decoding
+step (torch.compile, CUDA graphs) on a CUDA device. Each cache's first run, which pays for the compilation,
+is timed apart; then `--repeats` runs in rounds, the median reported, and each cache's tokens compared with
+the first cache's.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ def one_at_a_time(engine, ids: list[list[int]], max_new_tokens: int) -> tuple[fl
     start = time.perf_counter()
     with torch.no_grad():
         for row in ids:
-            x = torch.tensor([row])
+            x = torch.tensor([row], device=engine.model.device)
             out = engine.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)
             new = out[0, x.shape[1] :].tolist()
             tokens += next((i for i, t in enumerate(new) if t in eos), len(new))
@@ -119,8 +126,8 @@ def transformers_sampler(engine, ids: list[list[int]], params) -> tuple[float, i
     torch.manual_seed(0)
     for batch in engine.plan(requests):
         prompts = [r.input_ids for r, _ in batch]
-        x = pad_sequences(prompts, engine.pad_id, side="left")
-        mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left")
+        x = pad_sequences(prompts, engine.pad_id, side="left").to(engine.model.device)
+        mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(engine.model.device)
         start = time.perf_counter()
         with torch.no_grad():
             out = engine.model.generate(input_ids=x, attention_mask=mask, **kwargs)
@@ -161,7 +168,14 @@ def main() -> None:
         default=["temperature=0.7", "top_p=0.9"],
         help="SamplingParams settings to compare with greedy at the largest batch size (none: skip)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each sampling variant (the median)")
+    parser.add_argument(
+        "--caches",
+        nargs="*",
+        default=["dynamic", "static"],
+        help="KV caches (generation.cache) to compare, greedy, at the largest batch size (none: skip)",
+    )
+    parser.add_argument("--only-caches", action="store_true", help="only the cache table")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant (the median)")
     parser.add_argument("--quick", action="store_true", help="tiny random model, 8 prompts, 8 new tokens")
     add_common_arguments(parser)
     args = parser.parse_args()
@@ -176,6 +190,10 @@ def main() -> None:
     loaded = load(args.model)
     tok = loaded.tokenizer
     ids = [encode_for_generation(tok, p) for p in prompts(args.prompts)]
+    if args.only_caches:
+        print(f"model={args.model}, {args.prompts} prompts; {machine_line()}")
+        compare_caches(loaded, ids, max(args.batch_sizes), args.max_new_tokens, args.caches, args.repeats)
+        return
     engine = HFEngine(loaded.model, tok, batch_size=max(args.batch_sizes), progress=False)
     batched(engine, ids[:2], 4)  # warm-up (first-call allocations, lazy inits)
 
@@ -204,6 +222,52 @@ def main() -> None:
     if args.sampling:
         batch_size = max(args.batch_sizes)
         compare_sampling(loaded, ids, batch_size, args.max_new_tokens, args.sampling, args.repeats)
+    if args.caches:
+        compare_caches(loaded, ids, max(args.batch_sizes), args.max_new_tokens, args.caches, args.repeats)
+
+
+def compare_caches(
+    loaded, ids: list[list[int]], batch_size: int, max_new_tokens: int, caches: list[str], repeats: int
+) -> None:
+    """Greedy generation with each KV cache at one batch size: tokens/s (the median of `repeats` runs after
+    a first, separately timed run), and whether its tokens are the first cache's."""
+    from deepalign.generation import GenerationRequest, HFEngine
+
+    params = engine_params(max_new_tokens)
+    requests = [GenerationRequest(id=str(i), input_ids=row, params=params) for i, row in enumerate(ids)]
+
+    def measure(cache: str) -> tuple[float, int, dict[str, list[int]]]:
+        engine = HFEngine(loaded.model, loaded.tokenizer, batch_size=batch_size, progress=False, cache=cache)
+        results = {r.id: r.token_ids for r in engine.generate(requests)}
+        return engine.stats.seconds, engine.stats.new_tokens, results
+
+    first = {cache: measure(cache)[0] for cache in caches}  # allocations and, static on CUDA, compilation
+    runs: dict[str, list] = {cache: [] for cache in caches}
+    for _ in range(repeats):  # rounds over the caches, so a busy spell of the machine hits them all
+        for cache in caches:
+            runs[cache].append(measure(cache))
+    rows, base, reference = [], 0.0, None
+    for cache in caches:
+        seconds, tokens, results = sorted(runs[cache], key=lambda r: r[0])[len(runs[cache]) // 2]
+        speed = tokens / seconds
+        base, reference = base or speed, reference or results
+        differ = sum(results[k] != reference[k] for k in reference)
+        same = "yes" if differ == 0 else f"NO ({differ} of {len(reference)} rows differ)"
+        rows.append([cache, f"{first[cache]:.1f}", f"{seconds:.2f}", tokens, f"{speed:.1f}"])
+        rows[-1] += [f"{speed / base:.2f}x", same]
+    device = loaded.model.device
+    print(
+        f"\nKV cache, greedy, batch {batch_size}, up to {max_new_tokens} new tokens, on {device}, "
+        f"median of {repeats} after a first run:\n"
+    )
+    header = ["cache", "first run (s)", "wall (s)", "tokens", "tokens/s", f"vs {caches[0]}", "same tokens"]
+    print(markdown_table(header, rows))
+    step = "the static cache's decoding step"
+    compiled = f"compiles {step}" if device.type == "cuda" else f"does not compile {step} (on CUDA it does)"
+    print(
+        "\nTarget (a GPU): static >= 5x dynamic tokens/s with the same tokens. "
+        f"On {device.type}, transformers {compiled}."
+    )
 
 
 def compare_sampling(

@@ -1,15 +1,21 @@
-"""GPU check: a ~1B-parameter Llama (built from a config, no download) trained for a few bf16 steps with the
-token-wise constrained loss under DeepSpeed ZeRO-2, then a batched generation pass; prints a table of training
-tokens/s, MFU, peak memory and generation tokens/s.
+"""GPU check: a Llama built from a config (no download; ~1.1B by default, `--preset 7b` for the 7B shape)
+trained for a few bf16 steps with the token-wise constrained loss under DeepSpeed ZeRO-2, then greedy
+generation with the dynamic and the static (compiled) KV cache; prints a table of training tokens/s, MFU,
+peak memory and generation tokens/s per cache, and whether both caches give the same tokens.
 
-    python bench/gpu_check.py                        # one CUDA GPU (about a minute on an H100)
-    python bench/gpu_check.py --steps 50 --batch-size 16 --peak-tflops 312
+    python bench/gpu_check.py                        # one CUDA GPU, the 1.1B shape (a minute on an H100)
+    python bench/gpu_check.py --preset 7b            # the 7B shape: activation checkpointing, ZeRO-2
+    python bench/gpu_check.py --preset 7b --offload-optimizer   # ... with the optimizer state in CPU memory
+    python bench/gpu_check.py --logprob-chunk-mib 0 --no-fused-adamw --gen-caches dynamic  # the old path
     python bench/gpu_check.py --dry-run              # CPU, tiny model, plain torch AdamW: the code path only
 
-MFU = 6 * N * training tokens/s / peak bf16 FLOP/s, with N all parameters (attention's own FLOPs are not
-counted, so this slightly understates the real utilisation). The peak comes from the GPU's name (dense
-bf16, no sparsity) or --peak-tflops. Data are random tokens; the reference log-probs of the constrained loss
-are one fixed fake tensor (the real run caches them from the aligned model).
+The training log-probs come from the library's `target_logprobs` (the output layer a chunk of tokens at a
+time, `--logprob-chunk-mib`, 0 for the model's full logits). `--compile` compiles each decoder layer
+(torch.compile). MFU = 6 * N * training tokens/s / peak bf16 FLOP/s, with N all parameters (attention's own
+FLOPs and activation recomputation are not counted, so this understates the hardware's real utilisation).
+The peak comes from the GPU's name (dense bf16, no sparsity) or --peak-tflops. Data are random tokens; the
+reference log-probs of the constrained loss are one fixed fake tensor (the real run caches them from the
+aligned model).
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from deepalign.logprobs import LOGPROB_CHUNK_MIB, target_logprobs
 from deepalign.losses import beta_schedule, betas_for_mask, constrained_token_loss
 
 # Dense bf16 tensor-core peak per GPU, by a substring of torch.cuda.get_device_name(); first match wins.
@@ -58,6 +64,37 @@ DRY_RUN_SIZES: dict[str, int] = {
     "gen_new_tokens": 8,
 }
 
+# --preset: the model and workload shapes (flags given explicitly still win over these)
+PRESETS: dict[str, dict[str, int | bool]] = {
+    # TinyLlama-1.1B's shape
+    "1b": {
+        "hidden": 2048,
+        "intermediate": 5632,
+        "layers": 22,
+        "heads": 32,
+        "kv_heads": 4,
+        "vocab": 32000,
+        "batch_size": 8,
+        "seq_len": 1024,
+        "checkpointing": False,
+    },
+    # Llama-2-7B's shape; activation checkpointing keeps the activations of batch 4 x 1024 small
+    "7b": {
+        "hidden": 4096,
+        "intermediate": 11008,
+        "layers": 32,
+        "heads": 32,
+        "kv_heads": 32,
+        "vocab": 32000,
+        "batch_size": 4,
+        "seq_len": 1024,
+        "steps": 6,
+        "warmup_steps": 2,
+        "gen_batch": 16,
+        "checkpointing": True,
+    },
+}
+
 
 @dataclass
 class Shape:
@@ -76,6 +113,7 @@ class Shape:
     gen_batch: int
     gen_prompt_len: int
     gen_new_tokens: int
+    checkpointing: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,27 +123,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dry-run", action="store_true", help="CPU, a tiny model, plain torch AdamW (no DeepSpeed)"
     )
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=5632)
-    p.add_argument("--layers", type=int, default=22)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per training step")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="1b", help="model and workload shape")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--intermediate", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--kv-heads", type=int)
+    p.add_argument("--vocab", type=int)
+    p.add_argument("--batch-size", type=int, help="sequences per training step")
+    p.add_argument("--seq-len", type=int, help="tokens per training sequence")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, help="activation checkpointing")
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (kernels, allocator)")
     p.add_argument("--gen-batch", type=int, default=32)
     p.add_argument("--gen-prompt-len", type=int, default=128)
     p.add_argument("--gen-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--gen-caches",
+        nargs="+",
+        default=["dynamic", "static"],
+        help="KV caches to time (the first: baseline)",
+    )
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument(
+        "--logprob-chunk-mib",
+        type=float,
+        default=LOGPROB_CHUNK_MIB,
+        help="MiB of fp32 logits scored at a time (0: the model's full logits)",
+    )
+    p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True, help="on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    p.add_argument("--offload-optimizer", action="store_true", help="ZeRO-2 optimizer state in CPU memory")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s (default: by GPU name)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    p.set_defaults(**PRESETS[args.preset])
     if args.dry_run:  # a few seconds on a CPU; flags given explicitly still win over these sizes
-        p.set_defaults(**DRY_RUN_SIZES)
-        args = p.parse_args(argv)
-    return args
+        p.set_defaults(**DRY_RUN_SIZES, checkpointing=args.preset == "7b")
+    return p.parse_args(argv)
 
 
 def shape_from(args: argparse.Namespace) -> Shape:
@@ -123,6 +178,7 @@ def shape_from(args: argparse.Namespace) -> Shape:
         gen_batch=args.gen_batch,
         gen_prompt_len=args.gen_prompt_len,
         gen_new_tokens=args.gen_new_tokens,
+        checkpointing=args.checkpointing,
     )
 
 
@@ -144,6 +200,8 @@ def build_model(shape: Shape, dtype: torch.dtype, device: torch.device):
     torch.manual_seed(0)
     with device:
         model = LlamaForCausalLM(config)
+    if shape.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(dtype)
 
 
@@ -160,8 +218,9 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[flo
     return None, f"unknown GPU {name!r} (pass --peak-tflops)"
 
 
-def zero2_config(batch_size: int, hidden: int) -> dict[str, Any]:
-    """The repo's launchers/zero2.json, its "auto" values (the Trainer fills them in real runs) set here."""
+def zero2_config(batch_size: int, hidden: int, offload_optimizer: bool = False) -> dict[str, Any]:
+    """The repo's launchers/zero2.json, its "auto" values (the Trainer fills them in real runs) set here;
+    `offload_optimizer`: the optimizer state and step in CPU memory (a torch optimizer, no compiled op)."""
     from deepalign.training import deepspeed_config
 
     path = deepspeed_config("zero2")
@@ -189,6 +248,9 @@ def zero2_config(batch_size: int, hidden: int) -> dict[str, Any]:
                 node[key] = values[dotted]
 
     fill(config)
+    if offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        config["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on the CPU partitions
     return config
 
 
@@ -208,14 +270,18 @@ def init_single_process_group() -> None:
 class Stepper:
     """One optimizer step on a loss: DeepSpeed's engine (backward / step), or plain torch AdamW."""
 
-    def __init__(self, model, lr: float, shape: Shape, use_deepspeed: bool) -> None:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    def __init__(self, model, args: argparse.Namespace, shape: Shape, use_deepspeed: bool) -> None:
+        fused = args.fused_adamw and use_deepspeed and not args.offload_optimizer  # CUDA tensors only
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=fused or None
+        )
+        self.optimizer_name = f"torch AdamW{' (fused)' if fused else ''}"
         self.engine = None
         if use_deepspeed:
             import deepspeed
 
             init_single_process_group()
-            config = zero2_config(shape.batch_size, shape.hidden)
+            config = zero2_config(shape.batch_size, shape.hidden, args.offload_optimizer)
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=config
             )
@@ -223,9 +289,10 @@ class Stepper:
         else:
             self.model, self.optimizer = model, optimizer
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        runner = self.engine if self.engine is not None else self.model
-        return runner(input_ids=input_ids).logits
+    @property
+    def runner(self):
+        """What a training forward pass calls: the engine (DeepSpeed) or the model."""
+        return self.engine if self.engine is not None else self.model
 
     def step(self, loss: torch.Tensor) -> None:
         if self.engine is not None:
@@ -243,12 +310,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_phase(stepper: Stepper, shape: Shape, device: torch.device) -> dict[str, float]:
+def train_phase(stepper: Stepper, shape: Shape, device: torch.device, chunk_mib: float) -> dict[str, float]:
     """Warm-up steps, then timed steps of the constrained loss on random tokens; tokens/s and the losses."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    prompt_len = shape.seq_len // 2  # the loss is on the second half, the "response"
-    mask = torch.zeros(shape.batch_size, shape.seq_len - 1, dtype=torch.bool, device=device)
-    mask[:, prompt_len - 1 :] = True
+    mask = torch.zeros(shape.batch_size, shape.seq_len, dtype=torch.bool, device=device)
+    mask[:, shape.seq_len // 2 :] = True  # the loss is on the second half, the "response"
     betas = betas_for_mask(mask, beta_schedule(shape.seq_len, first=0.5, prefix=2.0, prefix_len=5, rest=0.1))
     betas = betas.to(device)
     # fixed fake reference log-probs: about log(1 / vocab), the level of an untrained model
@@ -261,9 +327,7 @@ def train_phase(stepper: Stepper, shape: Shape, device: torch.device) -> dict[st
             synchronize(device)
             start = time.perf_counter()
         ids = torch.randint(0, shape.vocab, (shape.batch_size, shape.seq_len), generator=gen).to(device)
-        logits = stepper.forward(ids)[:, :-1]
-        targets = ids[:, 1:]
-        policy = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+        policy, _ = target_logprobs(stepper.runner, ids, target_mask=mask, chunk_mib=chunk_mib)
         loss = constrained_token_loss(policy, reference, mask, betas)
         stepper.step(loss)
         losses.append(float(loss.detach()))
@@ -280,30 +344,45 @@ def train_phase(stepper: Stepper, shape: Shape, device: torch.device) -> dict[st
 
 
 @torch.no_grad()
-def generation_phase(model, shape: Shape, device: torch.device) -> dict[str, float]:
-    """HF generate on a batch of random prompts, greedy, every sequence the full length (KV cache on)."""
+def generation_phase(model, shape: Shape, device: torch.device, caches: list[str]) -> dict[str, Any]:
+    """HF generate on a batch of random prompts, greedy, every sequence the full length, once per KV cache
+    implementation: the first call (where a static cache compiles on CUDA) and a timed second one; the
+    tokens of each cache compared with the first cache's."""
     model.eval()
     model.config.use_cache = True
     gen = torch.Generator(device="cpu").manual_seed(1)
     prompts = torch.randint(0, shape.vocab, (shape.gen_batch, shape.gen_prompt_len), generator=gen).to(device)
-    attention = torch.ones_like(prompts)
     kwargs = dict(
-        attention_mask=attention,
+        attention_mask=torch.ones_like(prompts),
         max_new_tokens=shape.gen_new_tokens,
         min_new_tokens=shape.gen_new_tokens,
         do_sample=False,
         use_cache=True,
         pad_token_id=0,
     )
-    warm = {**kwargs, "attention_mask": attention[:, :4], "max_new_tokens": 2, "min_new_tokens": 2}
-    model.generate(prompts[:, :4], **warm)  # kernels and allocator, untimed
-    synchronize(device)
-    start = time.perf_counter()
-    out = model.generate(prompts, **kwargs)
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    new_tokens = (out.shape[1] - shape.gen_prompt_len) * shape.gen_batch
-    return {"gen_seconds": seconds, "gen_tokens_per_s": new_tokens / seconds, "gen_new_tokens": new_tokens}
+    results: dict[str, Any] = {}
+    baseline = None
+    for cache in caches:
+        extra = {} if cache == "dynamic" else {"cache_implementation": cache}
+        synchronize(device)
+        start = time.perf_counter()
+        model.generate(prompts, **kwargs, **extra)  # kernels, allocator, compilation: untimed
+        synchronize(device)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(prompts, **kwargs, **extra)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        new = out[:, shape.gen_prompt_len :]
+        baseline = new if baseline is None else baseline
+        results[cache] = {
+            "first_seconds": first,
+            "seconds": seconds,
+            "new_tokens": new.numel(),
+            "tokens_per_s": new.numel() / seconds,
+            "same_tokens": bool(torch.equal(new, baseline)),
+        }
+    return results
 
 
 def gib(n_bytes: int) -> float:
@@ -321,26 +400,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device, dtype, use_deepspeed = torch.device("cuda", 0), torch.bfloat16, True
         torch.cuda.set_device(device)
     model = build_model(shape, dtype, device)
+    if args.compile:
+        for layer in model.model.layers:
+            layer.compile()
     n_params = sum(p.numel() for p in model.parameters())
-    stepper = Stepper(model, args.lr, shape, use_deepspeed)
+    stepper = Stepper(model, args, shape, use_deepspeed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    results: dict[str, Any] = {"params": n_params, **train_phase(stepper, shape, device)}
+    results: dict[str, Any] = {
+        "params": n_params,
+        **train_phase(stepper, shape, device, args.logprob_chunk_mib),
+    }
     if device.type == "cuda":
         results["train_peak_gib"] = gib(torch.cuda.max_memory_allocated(device))
         torch.cuda.reset_peak_memory_stats(device)
-    results.update(generation_phase(stepper.model, shape, device))
+    results["generation"] = generation_phase(stepper.model, shape, device, args.gen_caches)
     if device.type == "cuda":
         results["gen_peak_gib"] = gib(torch.cuda.max_memory_allocated(device))
     peak, peak_source = peak_flops(device, args.peak_tflops)
     results["peak_flops"], results["peak_source"] = peak, peak_source
     results["mfu"] = 6 * n_params * results["train_tokens_per_s"] / peak if peak else None
     results["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    results["optimizer"] = (
-        "DeepSpeed ZeRO-2 (launchers/zero2.json), torch AdamW"
-        if use_deepspeed
-        else "plain torch AdamW (dry run: no DeepSpeed)"
-    )
+    if use_deepspeed:
+        offload = ", optimizer offloaded to CPU" if args.offload_optimizer else ""
+        results["optimizer"] = f"DeepSpeed ZeRO-2 (launchers/zero2.json{offload}), {stepper.optimizer_name}"
+    else:
+        results["optimizer"] = f"plain {stepper.optimizer_name} (dry run: no DeepSpeed)"
+    chunk = args.logprob_chunk_mib
+    results["logprobs"] = f"chunked, {chunk:g} MiB" if chunk > 0 else "full logits"
+    results["compile"] = bool(args.compile)
     results["dtype"] = str(dtype).removeprefix("torch.")
     results["shape"] = vars(shape)
     return results
@@ -363,7 +451,9 @@ def table(r: dict[str, Any]) -> str:
         ),
         (
             "training",
-            f"{r['optimizer']}, token-wise constrained loss, batch {s['batch_size']} x {s['seq_len']} tokens",
+            f"{r['optimizer']}, token-wise constrained loss, batch {s['batch_size']} x {s['seq_len']} tokens"
+            f"{', activation checkpointing' if s['checkpointing'] else ''}"
+            f"{', compiled layers' if r['compile'] else ''}; log-probs: {r['logprobs']}",
         ),
         ("train tokens/s", f"{r['train_tokens_per_s']:,.0f}"),
         (
@@ -373,13 +463,19 @@ def table(r: dict[str, Any]) -> str:
         ("train loss first -> last", f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}"),
         ("MFU", mfu),
         ("peak memory, training (GiB)", f"{r['train_peak_gib']:.2f}" if "train_peak_gib" in r else na),
-        (
-            "generation tokens/s",
-            f"{r['gen_tokens_per_s']:,.0f} (batch {s['gen_batch']}, "
-            f"{s['gen_prompt_len']} prompt + {s['gen_new_tokens']} new tokens, greedy, KV cache)",
-        ),
-        ("peak memory, generation (GiB)", f"{r['gen_peak_gib']:.2f}" if "gen_peak_gib" in r else na),
     ]
+    shape = f"batch {s['gen_batch']}, {s['gen_prompt_len']} prompt + {s['gen_new_tokens']} new tokens, greedy"
+    base = next(iter(r["generation"].values()))["tokens_per_s"]
+    for cache, g in r["generation"].items():
+        same = "yes" if g["same_tokens"] else "NO"
+        rows.append(
+            (
+                f"generation tokens/s, {cache} KV cache",
+                f"{g['tokens_per_s']:,.0f} ({g['tokens_per_s'] / base:.2f}x; {shape}; first call "
+                f"{g['first_seconds']:.1f} s; same tokens as the first: {same})",
+            )
+        )
+    rows.append(("peak memory, generation (GiB)", f"{r['gen_peak_gib']:.2f}" if "gen_peak_gib" in r else na))
     lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines)
 

@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer.name": ("adamw",),
     "generation.backend": ("hf", "vllm"),
     "generation.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "generation.cache": ("dynamic", "static"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
     "launcher.name": ("local", "torchrun", "accelerate", "deepspeed"),
@@ -266,6 +267,11 @@ class TrainConfig:
     save_total_limit: int | None = 2
     logging_steps: int = 1
     batch_size_reference: int = 8  # batch size of the reference log-prob pass
+    # MiB of fp32 logits scored at a time (policy and reference log-probs; 0: the model's full logits)
+    logprob_chunk_mib: int = 256
+    # pack each micro-batch into one row without padding (per-sequence position ids); needs an attention
+    # implementation of transformers that reads packed position ids (sdpa, eager, flash_attention_2, flex)
+    packing: bool = False
     seed: int = "${seed}"  # type: ignore[assignment]
 
     def check(self, key: str = "train") -> None:
@@ -285,6 +291,7 @@ class TrainConfig:
             "set train.epochs > 0 or train.max_steps > 0",
         )
         check_bf16(f"{key}.bf16", self.bf16)
+        check(self.logprob_chunk_mib >= 0, f"{key}.logprob_chunk_mib", "must be >= 0 (0: full logits)")
 
 
 @dataclass
@@ -302,11 +309,14 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int = 0
     num_samples: int = 1
+    # static: a pre-allocated KV cache (hf backend); on CUDA transformers then compiles the decoding step
+    cache: str = "dynamic"
 
     def check(self, key: str = "generation") -> None:
         """Also the sampling settings (SamplingParams would reject them only after a model loads)."""
         check_choice("generation.backend", self.backend)
         check_choice("generation.dtype", self.dtype)
+        check_choice("generation.cache", self.cache)
         check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
         check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", "must be >= 1")
         check(0 < self.top_p <= 1, f"{key}.top_p", f"must be in (0, 1], got {self.top_p}")

@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 
 VLLM_INSTALL_HINT = "pip install deepalign[vllm]"
 
+# HFEngine's KV caches: transformers' default (grows as it decodes), or "static", one allocated for the whole
+# generation, with which `generate` compiles the decoding step (torch.compile, CUDA graphs) on a CUDA device.
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+
 # Decoding settings a model's generation_config.json may set, and the value that switches each off. They are
 # passed to `generate` only when the model's config sets something else, so the usual call stays warning-free.
 _NEUTRAL_DEFAULTS: dict[str, Any] = {
@@ -305,7 +309,11 @@ def _model_device(model: Any) -> torch.device:
 
 
 class HFEngine:
-    """Batched, left-padded `model.generate` with the KV cache, on whatever device the model is on."""
+    """Batched, left-padded `model.generate` with the KV cache, on whatever device the model is on.
+
+    `cache="static"` asks `generate` for a pre-allocated KV cache (`cache_implementation="static"`), with
+    which transformers compiles the decoding step on a CUDA device; elsewhere it runs uncompiled.
+    """
 
     def __init__(
         self,
@@ -314,10 +322,14 @@ class HFEngine:
         batch_size: int = 16,
         progress: bool = True,
         autocast: torch.dtype | None = None,
+        cache: str = "dynamic",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if cache not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_IMPLEMENTATIONS)}, got {cache!r}")
         self.model = model
+        self.cache = cache  # the KV cache implementation (see CACHE_IMPLEMENTATIONS)
         self.autocast = autocast  # run generate under torch.autocast in this dtype (weights stay as they are)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -391,6 +403,8 @@ class HFEngine:
             pad_token_id=self.pad_id,
             use_cache=True,
         )
+        if self.cache != "dynamic":
+            kwargs["cache_implementation"] = self.cache
         return kwargs
 
     def _run_batch(self, batch: list[tuple[GenerationRequest, int]]) -> list[list[int]]:
@@ -534,16 +548,24 @@ def make_engine(
 ) -> HFEngine | VLLMEngine:
     """The engine of `generation.backend`. vLLM loads the weights itself, from `model_path` or else the
     folder or hub id the loaded model came from (the HF model stays loaded: free it first if GPU memory is
-    short). `generation.dtype=auto` asks `deepalign.precision` (its probe cached in `cache_dir`, default
-    the default `paths.cache_dir`) whether an fp32 model generates under bf16 autocast."""
+    short) and ignores `generation.cache`. `generation.dtype=auto` asks `deepalign.precision` (its probe
+    cached in `cache_dir`, default the default `paths.cache_dir`) whether an fp32 model generates under bf16
+    autocast."""
     if cfg.backend == "hf":
         device = _model_device(loaded.model)
         model_dtype = getattr(loaded.model, "dtype", torch.float32)
         autocast = generation_autocast(cfg.dtype, model_dtype, device, cache_dir)
         return HFEngine(
-            loaded.model, loaded.tokenizer, batch_size=cfg.batch_size, progress=progress, autocast=autocast
+            loaded.model,
+            loaded.tokenizer,
+            batch_size=cfg.batch_size,
+            progress=progress,
+            autocast=autocast,
+            cache=cfg.cache,
         )
     if cfg.backend == "vllm":
+        if cfg.cache != "dynamic":
+            log.info("generation.cache=%s is for the hf backend; vLLM manages its own KV cache", cfg.cache)
         path = model_path or (None if loaded.source.startswith("random:") else loaded.source)
         dtype = cfg.dtype
         if dtype == "auto":

@@ -1,6 +1,6 @@
 """Generations stored in a run dir and reused only when still valid: the same weights, the same input ids,
-the same sampling settings and seed. Every stage that generates (attack, utility, the quickstart's harvest)
-goes through `generate_variant`."""
+the same sampling settings and seed (and the KV cache implementation, where it is not the default). Every
+stage that generates (attack, utility, the quickstart's harvest) goes through `generate_variant`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ def _fresh(record: dict, info: dict, params: dict, model_id: str) -> bool:
     system prompt, chat template, prefill) and these sampling settings and seed."""
     same_inputs = all(record.get(k) == v for k, v in info.items())
     return same_inputs and record.get("params") == params and record.get("model_id", "") == model_id
+
+
+def computation_id(model_id: str, seed: int, cache: str = "dynamic") -> str:
+    """What a record's `model_id` field holds: the weights, the seed and, unless it is the default (dynamic),
+    the engine's KV cache implementation (a static cache's compiled decoding step may round the last bits of
+    the logits differently, which can flip a near-tie). Records of the default stay valid as they were."""
+    key = f"{model_id}:seed={seed}"
+    return key if cache == "dynamic" else f"{key}:cache={cache}"
 
 
 def input_digest(input_ids: list[int]) -> str:
@@ -41,13 +49,15 @@ def generate_variant(
     return the keys of the variant's records.
 
     `model_id` names the weights (see `RunContext.model_id`): records of other weights, other input ids
-    (`input_sha`: prompt, system prompt, template, prefill), sampling setting or seed are stale and generated
-    again (the new record replaces the old one).
+    (`input_sha`: prompt, system prompt, template, prefill), sampling setting, seed or KV cache
+    implementation (`engine.cache`, see `computation_id`) are stale and generated again (the new record
+    replaces the old one).
     """
     requests, info = build_requests(variant, items, tokenizer, system=system, seed=seed)
     for r in requests:
         info[r.id]["input_sha"] = input_digest(r.input_ids)
-    params, model_id = variant.params.as_dict(), f"{model_id}:seed={seed}"
+    params = variant.params.as_dict()
+    model_id = computation_id(model_id, seed, getattr(engine, "cache", "dynamic"))
     fresh = {
         key
         for r in requests

@@ -2,8 +2,9 @@
 
 For each (prompt, response) pair and response position k = 1..N:
 KL( pi(. | x, y_<k) || pi_ref(. | x, y_<k) ), averaged over pairs (paper Fig. 1). Only one batch of logits
-is alive at a time (memory bounded by batch x sequence x vocabulary, independent of the data set size);
-nothing is written but the per-position statistics.
+is alive at a time, and only at the response positions scored (memory bounded by batch x positions x
+vocabulary, independent of the data set size and the sequence length); nothing is written but the
+per-position statistics.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from deepalign.chat import encode_for_training, response_tokens
-from deepalign.logprobs import pad_batch, pad_sequences
+from deepalign.logprobs import checked_head, final_hidden_states, pad_batch, pad_sequences
 from deepalign.stats import t_quantile
 
 
@@ -62,11 +63,11 @@ def response_index(labels_mask: Sequence[bool], positions: int) -> list[int]:
 
 
 def _gather_logits(model, ids, attention, index: torch.Tensor) -> torch.Tensor:
-    """Log-probs predicting the tokens at `index` [batch, positions] (logits at index - 1, log_softmax)."""
-    logits = model(input_ids=ids, attention_mask=attention).logits
-    picked = logits.gather(1, (index - 1).clamp(min=0).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-    del logits
-    return F.log_softmax(picked.float(), dim=-1)
+    """Log-probs predicting the tokens at `index` [batch, positions]: the output layer on the hidden states at
+    index - 1 only (no logits for the rest of the sequence), log_softmax in float32."""
+    hidden, outputs = final_hidden_states(model, input_ids=ids, attention_mask=attention)
+    picked = hidden.gather(1, (index - 1).clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return F.log_softmax(checked_head(model, hidden, outputs)(picked).float(), dim=-1)
 
 
 @torch.no_grad()

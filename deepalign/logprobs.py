@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> torch.Tensor:
@@ -67,3 +69,143 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     targets = input_ids[:, 1:]
     picked = -F.cross_entropy(shifted.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
+
+
+# --- Log-probs without the [batch, seq, vocab] logits ------------------------------------------------------
+#
+# The model runs with `logits_to_keep=1` (its output layer sees only the last position); a forward hook on
+# its decoder catches the final hidden states; the output layer then scores them a chunk of tokens at a time,
+# and in training each chunk is recomputed in the backward pass (activation checkpointing), so at most one
+# chunk of fp32 logits is alive. Written here: no maintained library does it on a CPU for any HF model
+# (liger-kernel and cut-cross-entropy are CUDA/Triton kernels for listed architectures).
+
+LOGPROB_CHUNK_MIB = 256  # default memory for one chunk of fp32 logits (train.logprob_chunk_mib)
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model inside DDP / DeepSpeed / torch.compile / PEFT wrappers."""
+    from transformers import PreTrainedModel
+
+    while not isinstance(model, PreTrainedModel):
+        if callable(getattr(model, "get_base_model", None)):  # PEFT
+            model = model.get_base_model()
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP, DeepSpeedEngine
+            model = model.module
+        else:
+            break
+    return model
+
+
+def _softcap(model: Any) -> float | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "final_logit_softcapping", None)
+
+
+def output_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden states -> logits, as the model's forward computes them: its output layer (a module call, so
+    DeepSpeed ZeRO-3 gathers the weight) and the final logit soft-capping where the config has one."""
+    inner = unwrap(model)
+    head, cap = inner.get_output_embeddings(), _softcap(inner)
+    if head is None:
+        raise ValueError(
+            f"{type(inner).__name__} has no output embeddings: per-token log-probs need an LM head"
+        )
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = head(hidden)
+        return out if cap is None else torch.tanh(out / cap) * cap
+
+    return logits
+
+
+def final_hidden_states(model: Any, **inputs: Any) -> tuple[torch.Tensor, Any]:
+    """(the decoder's last hidden states [batch, seq, hidden], the model's output) of one forward pass
+    through `model` (wrapped or not: DDP and DeepSpeed see their usual forward), logits only at the end."""
+    decoder = unwrap(model).get_decoder()
+    caught: list[torch.Tensor] = []
+    handle = decoder.register_forward_hook(lambda module, args, out: caught.append(out[0]))
+    try:
+        outputs = model(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    ids = inputs["input_ids"]
+    if len(caught) != 1 or caught[0].shape[:2] != ids.shape:
+        raise RuntimeError(
+            f"{type(unwrap(model)).__name__}.get_decoder() ({type(decoder).__name__}) did not give one "
+            f"[batch, seq, hidden] output for input ids of shape {tuple(ids.shape)}; set "
+            "train.logprob_chunk_mib=0 to use the model's full logits"
+        )
+    return caught[0], outputs
+
+
+def checked_head(model: Any, hidden: torch.Tensor, outputs: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`output_head(model)`, once it gives the model's own logits at the last position of `outputs` (from
+    `final_hidden_states`): a model whose forward post-processes its logits some other way fails loudly
+    instead of scoring wrong."""
+    head = output_head(model)
+    with torch.no_grad():
+        last, expected = head(hidden[:, -1:]).float(), outputs.logits[:, -1:].detach().float()
+    # non-finite logits (diverged weights) are not a head mismatch: the loss check names them
+    if torch.isfinite(expected).all() and not torch.allclose(last, expected, rtol=1e-3, atol=1e-3):
+        diff = float((last - expected).abs().max())
+        raise ValueError(
+            f"{type(unwrap(model)).__name__}: its output layer on the last hidden states differs from "
+            f"the model's logits by {diff:.3g}; its forward post-processes logits in a way the chunked "
+            "log-probs do not know. Set train.logprob_chunk_mib=0 to use the model's full logits."
+        )
+    return head
+
+
+def chunk_rows(vocab: int, chunk_mib: float) -> int:
+    """Tokens per chunk so that one chunk of fp32 logits takes about `chunk_mib` MiB."""
+    return max(1, int(chunk_mib * 2**20) // (4 * vocab))
+
+
+def _chunk_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def target_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    target_mask: torch.Tensor | None = None,
+    chunk_mib: float = LOGPROB_CHUNK_MIB,
+) -> tuple[torch.Tensor, Any]:
+    """(log p(x_t | x_<t) [batch, seq] as `token_logprobs` gives it, the model's output), one forward pass.
+
+    With `chunk_mib` > 0 the logits are never materialised for the whole batch: only tokens where
+    `target_mask` (bool [batch, seq]) is True are scored (0 elsewhere; all tokens but the first without a
+    mask), `chunk_mib` MiB of fp32 logits at a time, and under autograd each chunk is recomputed in the
+    backward pass. The output layer is checked against the model's own logits (`checked_head`).
+    `chunk_mib=0`: the model's full logits through `token_logprobs` (the reference path).
+    """
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    if chunk_mib <= 0:
+        outputs = model(**inputs)
+        return token_logprobs(outputs.logits, input_ids), outputs
+    hidden, outputs = final_hidden_states(model, **inputs)
+    head = checked_head(model, hidden, outputs)
+    vocab = outputs.logits.shape[-1]
+    select = torch.ones_like(input_ids, dtype=torch.bool) if target_mask is None else target_mask.bool()
+    select = select.clone()
+    select[:, 0] = False  # nothing predicts the first token
+    rows = hidden[:, :-1][select[:, 1:]]  # the hidden state before each selected token
+    targets = input_ids[select]
+    step = chunk_rows(vocab, chunk_mib)
+    checkpointed = torch.is_grad_enabled() and rows.requires_grad
+    pieces = []
+    for start in range(0, targets.numel(), step):
+        h, t = rows[start : start + step], targets[start : start + step]
+        if checkpointed:
+            pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(head, h, t))
+    picked = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
+    out = torch.zeros(input_ids.shape, dtype=picked.dtype, device=picked.device)
+    return out.masked_scatter(select, picked), outputs

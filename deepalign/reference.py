@@ -20,7 +20,7 @@ from tqdm import tqdm
 from deepalign.chat import EncodedChat
 from deepalign.config import ModelConfig
 from deepalign.fingerprint import folder_digest
-from deepalign.logprobs import pad_batch, token_logprobs
+from deepalign.logprobs import LOGPROB_CHUNK_MIB, pad_batch, target_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,15 @@ def data_fingerprint(encoded: list[EncodedChat]) -> str:
 
 @torch.no_grad()
 def compute_reference_logps(
-    model, encoded: list[EncodedChat], pad_id: int, batch_size: int = 8, autocast: torch.dtype | None = None
+    model,
+    encoded: list[EncodedChat],
+    pad_id: int,
+    batch_size: int = 8,
+    autocast: torch.dtype | None = None,
+    chunk_mib: float = LOGPROB_CHUNK_MIB,
 ) -> list[torch.Tensor]:
-    """Per-token target log-probs (float32, aligned to input_ids; 0 at position 0) of every example.
+    """Per-token log-probs of the target tokens (float32, aligned to input_ids; 0 off the targets) of every
+    example, `chunk_mib` MiB of logits at a time (0: the model's full logits, every position scored).
 
     `autocast`: compute under torch.autocast in that dtype, as training will (train.bf16), so that at step 0
     the policy's log-probs equal the reference's and every token weight starts at exactly 1."""
@@ -67,11 +73,17 @@ def compute_reference_logps(
     for start in tqdm(range(0, len(order), batch_size), desc="reference log-probs", unit="batch"):
         idx = order[start : start + batch_size]
         seqs = [encoded[i].input_ids for i in idx]
-        padded = pad_batch(seqs, pad_id, device=device)
-        ids = padded.input_ids
+        masks = [encoded[i].labels_mask for i in idx]
+        padded = pad_batch(seqs, pad_id, labels_masks=masks, device=device)
         with cast:
-            logits = model(input_ids=ids, attention_mask=padded.attention_mask).logits
-        logps = token_logprobs(logits, ids).float().cpu()
+            logps, _ = target_logprobs(
+                model,
+                padded.input_ids,
+                attention_mask=padded.attention_mask,
+                target_mask=padded.labels_mask,
+                chunk_mib=chunk_mib,
+            )
+        logps = logps.float().cpu()
         for row, i in enumerate(idx):
             out[i] = logps[row, : len(encoded[i].input_ids)].clone()
     model.train(was_training)
@@ -105,6 +117,7 @@ def cached_reference_logps(
     model_key: str,
     batch_size: int = 8,
     autocast: torch.dtype | None = None,
+    chunk_mib: float = LOGPROB_CHUNK_MIB,
 ) -> tuple[list[torch.Tensor], Path, bool]:
     """Reference log-probs from the cache when (model, data) match, else computed once and stored.
 
@@ -122,7 +135,7 @@ def cached_reference_logps(
                 log.info("reference log-probs: cache hit %s", path)
                 return cached, path, True
             log.warning("reference log-probs: ignoring the cache file %s (%s); recomputing it", path, problem)
-        logps = compute_reference_logps(model, encoded, pad_id, batch_size, autocast)
+        logps = compute_reference_logps(model, encoded, pad_id, batch_size, autocast, chunk_mib)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         torch.save(logps, tmp)
         os.replace(tmp, path)

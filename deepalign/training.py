@@ -16,18 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from deepalign.chat import EncodedChat
 from deepalign.config import LossConfig, TrainConfig
-from deepalign.logprobs import pad_batch, token_logprobs
+from deepalign.logprobs import LOGPROB_CHUNK_MIB, pad_batch, target_logprobs, unwrap
 from deepalign.plugins import LOSSES
 from deepalign.precision import train_bf16
 from deepalign.rundir import write_text_atomic
 
 log = logging.getLogger(__name__)
 IGNORE = -100
+# Mean |log-prob difference| per target token between a packed and a padded batch above which packing is
+# refused, in float32 (True) and under bf16/fp16: rounding stays below (float32: ~1e-7), attention leaking
+# across sequences goes above (0.007 nats even in a tiny random model, whose outputs are nearly uniform).
+PACKING_TOLERANCE = {True: 1e-4, False: 0.05}
 # transformers 5.x renamed TrainingArguments.gradient_checkpointing to activation_checkpointing (the old name
 # stays as a deprecated alias where the new one exists; releases before the rename know only the old one)
 CHECKPOINTING_ARG = (
@@ -83,11 +87,18 @@ class TokenDataset(torch.utils.data.Dataset):
 
 @dataclass
 class Collator:
-    """Right-pads a batch; `labels` are the input ids on target tokens and -100 elsewhere."""
+    """Right-pads a batch; `labels` are the input ids on target tokens and -100 elsewhere.
+
+    `packing`: the batch becomes one row without padding (transformers' `DataCollatorWithFlattening`:
+    position ids restart at 0 for each sequence, which the attention reads as sequence boundaries), plus
+    `seq_lengths` to cut it back into sequences and an all-ones attention mask used only to count tokens."""
 
     pad_id: int
+    packing: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return self.packed(features)
         padded = pad_batch(
             [f["input_ids"] for f in features], self.pad_id, labels_masks=[f["labels_mask"] for f in features]
         )
@@ -105,6 +116,61 @@ class Collator:
             batch["reference_logps"] = ref
         return batch
 
+    def packed(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [
+            {
+                "input_ids": list(f["input_ids"]),
+                "labels": [t if m else IGNORE for t, m in zip(f["input_ids"], f["labels_mask"])],
+            }
+            for f in features
+        ]
+        batch = DataCollatorWithFlattening(separator_id=IGNORE, return_tensors="pt")(rows)
+        batch["seq_lengths"] = torch.tensor([len(f["input_ids"]) for f in features])
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        if "reference_logps" in features[0]:
+            batch["reference_logps"] = torch.cat([f["reference_logps"] for f in features]).unsqueeze(0)
+        return batch
+
+
+def unpack(packed: torch.Tensor, lengths: torch.Tensor, fill: float | bool = 0) -> torch.Tensor:
+    """[1, total] values of sequences packed end to end -> [sequences, longest], right-padded with `fill`."""
+    pieces = packed[0].split(lengths.tolist())
+    return torch.nn.utils.rnn.pad_sequence(list(pieces), batch_first=True, padding_value=fill)
+
+
+@torch.no_grad()
+def check_packing(
+    model,
+    ids: torch.Tensor,
+    lengths: torch.Tensor,
+    packed: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_mib: float,
+) -> float:
+    """Score a packed batch again padded, one sequence per row; return the mean |difference| of the target
+    log-probs. Raises when they differ by more than rounding: the model's attention crosses the boundaries
+    of packed sequences (an attention implementation or remote code that ignores packed position ids)."""
+    padded_mask = unpack(mask, lengths, False)
+    logps, _ = target_logprobs(
+        model,
+        unpack(ids, lengths),
+        attention_mask=unpack(torch.ones_like(ids), lengths),
+        target_mask=padded_mask,
+        chunk_mib=chunk_mib,
+    )
+    diff = (unpack(packed, lengths) - logps)[padded_mask].abs()
+    mean = float(diff.mean()) if diff.numel() else 0.0
+    exact = not torch.is_autocast_enabled(ids.device.type) and unwrap(model).dtype == torch.float32
+    if mean > PACKING_TOLERANCE[exact]:
+        raise ValueError(
+            f"train.packing: packed sequences score {mean:.3g} nats per token away from the same sequences "
+            f"padded (max {float(diff.max()):.3g}); this model's attention does not keep packed sequences "
+            "apart. Set train.packing=false (or an attention implementation that reads packed position ids: "
+            "model.arch / attn_implementation sdpa, eager, flash_attention_2)"
+        )
+    log.info("train.packing: packed vs padded log-probs differ by %.2g nats per token", mean)
+    return mean
+
 
 class AlignmentTrainer(Trainer):
     """A Trainer whose loss is the configured (registered) one, `loss.name`, normalised per target token.
@@ -117,8 +183,12 @@ class AlignmentTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, loss_config: LossConfig, **kwargs):
+    def __init__(
+        self, *args, loss_config: LossConfig, logprob_chunk_mib: float = LOGPROB_CHUNK_MIB, **kwargs
+    ):
         super().__init__(*args, **kwargs)
+        self.logprob_chunk_mib = logprob_chunk_mib  # train.logprob_chunk_mib
+        self.packing_checked = False
         self.add_callback(FiniteGradientsCallback())
         self.loss_config = loss_config
         self.loss_spec = LOSSES.get(loss_config.name, "loss.name")
@@ -133,9 +203,30 @@ class AlignmentTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         reference = inputs.get("reference_logps")
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        policy = token_logprobs(outputs.logits, inputs["input_ids"])
         mask = labels != IGNORE
+        chunk = self.logprob_chunk_mib
+        # The output layer scores outside the model's forward: under the autocast accelerate puts on that
+        # forward (train.bf16), as the reference pass does, so at step 0 policy and reference agree exactly.
+        with self.accelerator.autocast():
+            if "seq_lengths" in inputs:  # packed: one row, sequences told apart by their position ids
+                ids, lengths = inputs["input_ids"], inputs["seq_lengths"]
+                policy, outputs = target_logprobs(
+                    model, ids, position_ids=inputs["position_ids"], target_mask=mask, chunk_mib=chunk
+                )
+                if not self.packing_checked:
+                    check_packing(model, ids, lengths, policy.detach(), mask, chunk)
+                    self.packing_checked = True
+                # the loss sees the same [sequences, length] tensors as without packing
+                policy, mask = unpack(policy, lengths), unpack(mask, lengths, False)
+                reference = unpack(reference, lengths) if reference is not None else None
+            else:
+                policy, outputs = target_logprobs(
+                    model,
+                    inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                    target_mask=mask,
+                    chunk_mib=chunk,
+                )
         n_tokens = num_items_in_batch if num_items_in_batch is not None else mask.sum()
         # the plain NLL of the batch, logged beside any objective so SFT and constrained runs compare
         self.nll[0] -= float(policy.detach()[mask].sum())
@@ -235,7 +326,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path) -> TrainingArguments:
     opt = cfg.optimizer
     return TrainingArguments(
         output_dir=str(output_dir),
-        optim="adamw_torch",
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",  # one kernel per step
         learning_rate=opt.lr,
         adam_beta1=opt.betas[0],
         adam_beta2=opt.betas[1],
@@ -346,10 +437,11 @@ def train(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=Collator(tokenizer.pad_token_id),
+        data_collator=Collator(tokenizer.pad_token_id, packing=cfg.packing),
         processing_class=tokenizer,
         callbacks=[TrackerCallback(tracker)],
         loss_config=loss,
+        logprob_chunk_mib=cfg.logprob_chunk_mib,
     )
     last = last_complete_checkpoint(output_dir)
     state = json.loads((Path(last) / "trainer_state.json").read_text()) if last else {}

@@ -16,7 +16,7 @@ from deepalign.chat import encode_for_generation, encode_for_training
 from deepalign.config import DataComponent
 from deepalign.context import RunContext
 from deepalign.data import read_component
-from deepalign.logprobs import pad_batch, token_logprobs
+from deepalign.logprobs import pad_batch, target_logprobs
 from deepalign.plugins import register_stage
 from deepalign.rundir import write_text_atomic
 
@@ -51,7 +51,7 @@ def run_probe(ctx: RunContext) -> dict[str, float]:
             device=device,
         )
         ids, mask = padded.input_ids, padded.labels_mask
-        logps = token_logprobs(model(input_ids=ids, attention_mask=padded.attention_mask).logits, ids)
+        logps, _ = target_logprobs(model, ids, attention_mask=padded.attention_mask, target_mask=mask)
         nll_sum -= logps[mask].sum().item()
         n_tokens += int(mask.sum())
 

@@ -95,6 +95,7 @@ def run_train(ctx: RunContext) -> dict[str, float]:
             key,
             cfg.train.batch_size_reference,
             autocast=torch.bfloat16 if bf16 else None,  # the precision training computes in
+            chunk_mib=cfg.train.logprob_chunk_mib,
         )
         stats["train/reference_cache_hit"] = int(hit)
 
