@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/BENCHMARKS.md in one script, for a GPU machine lent for a few minutes. Every step
-# has its own time limit, writes its log (and JSON) under $OUT, and a failed step does not stop the others.
+# has its own time limit and a failed step does not stop the others. $OUT gets two files: summary.md (each
+# step's exit code, time and table) and logs.tar.gz (every log, JSON result and the quickstart's report).
 #
 #   bash bench/gpu_session.sh perf      # needs no demo model: gpu_check (1.1B: old path, new path, compiled
 #                                       # layers; 7B), log-prob memory at a 256k vocabulary
@@ -16,17 +17,20 @@ PYTHON=${PYTHON:-python3}
 DEEPALIGN=${DEEPALIGN:-"$PYTHON -m deepalign"}
 DRY=${DRY_RUN:-0}
 WORK=$(mktemp -d)
-mkdir -p "$OUT"
+LOGS=$WORK/logs
+mkdir -p "$OUT" "$LOGS"
 
-step() {  # step NAME SECONDS COMMAND...: run it with a time limit, log to $OUT/NAME.log, one summary line
+step() {  # step NAME SECONDS COMMAND...: run it with a time limit, log to $LOGS/NAME.log, sum it up
   local name=$1 limit=$2 start rc
   shift 2
   start=$(date +%s)
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   rc=$?
-  printf '%-22s rc=%-3s %4ss\n' "$name" "$rc" "$(($(date +%s) - start))" | tee -a "$OUT/summary.txt"
-  grep -E '^\|' "$OUT/$name.log" | tail -n 14
-  [ "$rc" = 0 ] || tail -n 5 "$OUT/$name.log"
+  {
+    printf '\n## %s: rc=%s, %ss\n\n' "$name" "$rc" "$(($(date +%s) - start))"
+    grep -E '^\|' "$LOGS/$name.log" | tail -n 14
+    [ "$rc" = 0 ] || tail -n 5 "$LOGS/$name.log"
+  } | tee -a "$OUT/summary.md"
   return "$rc"
 }
 
@@ -39,12 +43,12 @@ perf() {
     memory+=(--device cuda --batch 8)
   fi
   step check_1b_before 150 "${check[@]}" --logprob-chunk-mib 0 --no-fused-adamw --gen-caches dynamic \
-    --json "$OUT/check_1b_before.json"
-  step check_1b 200 "${check[@]}" --json "$OUT/check_1b.json"
-  step check_1b_compiled 200 "${check[@]}" --compile --gen-caches dynamic --json "$OUT/check_1b_compiled.json"
-  step check_7b 240 "${check[@]}" --preset 7b --gen-caches dynamic --json "$OUT/check_7b.json" ||
+    --json "$LOGS/check_1b_before.json"
+  step check_1b 200 "${check[@]}" --json "$LOGS/check_1b.json"
+  step check_1b_compiled 200 "${check[@]}" --compile --gen-caches dynamic --json "$LOGS/check_1b_compiled.json"
+  step check_7b 240 "${check[@]}" --preset 7b --gen-caches dynamic --json "$LOGS/check_7b.json" ||
     step check_7b_offload 300 "${check[@]}" --preset 7b --offload-optimizer --gen-caches dynamic \
-      --json "$OUT/check_7b_offload.json"
+      --json "$LOGS/check_7b_offload.json"
   step logprob_memory 200 "${memory[@]}"
 }
 
@@ -58,14 +62,20 @@ demo() {
   (cd "$WORK" && step torchrun_zero2 240 $DEEPALIGN "${run[@]}" train.deepspeed=zero2 hydra.run.dir=zero2)
   (cd "$WORK" && step torchrun_zero3 240 $DEEPALIGN "${run[@]}" train.deepspeed=zero3 hydra.run.dir=zero3)
   local quick=(experiment=quickstart "paths.cache_dir=$WORK/cache" hydra.run.dir=quickstart)
-  [ "$DRY" = 1 ] && quick+=(model=tiny quickstart.harvest_tokens=8 quickstart.harvest_eval_tokens=12
-    quickstart.ft_tokens=8 "attack.prefill_own.depths=[2,4]")
+  [ "$DRY" = 1 ] && quick+=(model=tiny +model.arch.initializer_range=0.3 logger=none train.bf16=false
+    generation.dtype=float32 quickstart.harvest_tokens=12 quickstart.harvest_eval_tokens=12
+    quickstart.benign_tokens=8 quickstart.eval_limit=4 "attack.prefill.depths=[2,4]"
+    "attack.prefill_own.depths=[2,4]" train.max_steps=2 quickstart.runs.ft_sft.train.max_steps=2
+    quickstart.runs.ft_constrained.train.max_steps=2 quickstart.runs.shallow.attack.gcg.max_prompts=1
+    quickstart.runs.shallow.attack.gcg.steps=1 quickstart.runs.shallow.attack.gcg.search_width=8
+    quickstart.runs.shallow.attack.gcg.topk=8 quickstart.runs.deep.attack.gcg=null
+    generation.max_new_tokens=6 utility.max_new_tokens=6 analysis.positions=5)
   (cd "$WORK" && step quickstart 420 $DEEPALIGN "${quick[@]}")
-  cp "$WORK"/quickstart/report.md "$OUT/quickstart_report.md" 2>/dev/null
-  for d in zero2 zero3; do cp "$WORK/$d/metrics.json" "$OUT/${d}_metrics.json" 2>/dev/null; done
+  cp "$WORK"/quickstart/report.md "$LOGS/quickstart_report.md" 2>/dev/null
+  for d in zero2 zero3; do cp "$WORK/$d/metrics.json" "$LOGS/${d}_metrics.json" 2>/dev/null; done
 }
 
-: >"$OUT/summary.txt"
+: >"$OUT/summary.md"
 [ $# -gt 0 ] || set -- perf
 for part in "$@"; do
   case $part in
@@ -73,5 +83,6 @@ for part in "$@"; do
     *) echo "unknown part $part (perf, demo)" >&2; exit 2 ;;
   esac
 done
+tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
 rm -rf "$WORK"
-echo "logs and JSON in $OUT"
+echo "summary and logs in $OUT"
