@@ -25,6 +25,7 @@ from tqdm import tqdm
 from deepalign.chat import encode_for_training, response_tokens
 from deepalign.data import DataError, read_rows
 from deepalign.kl import save_figure
+from deepalign.logprobs import checked_head, final_hidden_states
 
 Curve = list[tuple[int, float]]
 
@@ -203,9 +204,10 @@ def refusal_probability(
     is shorter than N tokens (or cut inside a character there) are left out of that depth.
 
     Our own code: no library computes a teacher-forced refusal-onset probability after a prefill.
-    Per pair, one pass over the answer's deepest context, in pieces ending at each depth with the KV cache
-    carried over, reads the next-token distribution after every depth; a refusal start's later tokens are a
-    short pass on a copy of the cache there."""
+    Per pair, two forward passes: one over the answer's deepest context (every shallower context is a prefix
+    of it), whose hidden states give the next-token distribution after every depth, and one batched pass of
+    every refusal start's later tokens after every depth, on copies of that pass's KV cache with the
+    positions past each depth's context masked out."""
     out: dict[int, list[float]] = {depth: [] for depth in depths}
     # the cache argument: `cache` from transformers 5.2x, `past_key_values` before
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -227,18 +229,19 @@ def refusal_probability(
                 )
                 if found is not None:
                     cases.append((depth, *found))
-            cache, done = None, 0  # the KV cache of the context's first `done` tokens
-            for depth, context, continuations in cases:  # every context extends the one before
-                logits, cache = _forward(model, cache_arg, context[done:], cache, last_only=True)
-                done = len(context)
-                logp = {(): F.log_softmax(logits[-1].float(), dim=-1)}
-                for stem in {c[:-1] for c in continuations if len(c) > 1}:  # a refusal start's later tokens
-                    later, _ = _forward(model, cache_arg, list(stem), copy.deepcopy(cache))
-                    logp.update(
-                        {stem[: i + 1]: F.log_softmax(row.float(), dim=-1) for i, row in enumerate(later)}
-                    )
+            if not cases:
+                continue
+            deepest = cases[-1][1]
+            if any(deepest[: len(context)] != context for _, context, _ in cases):
+                raise ValueError(
+                    f"the contexts of {prompt[:40]!r} at the depths {depths} do not extend each other"
+                )
+            logp = _refusal_logprobs(
+                model, cache_arg, [(context, continuations) for _, context, continuations in cases]
+            )
+            for i, (depth, _, continuations) in enumerate(cases):
                 total = sum(
-                    math.exp(sum(logp[c[:i]][token].item() for i, token in enumerate(c)))
+                    math.exp(sum(logp[i, c[:j]][token].item() for j, token in enumerate(c)))
                     for c in continuations
                 )
                 out[depth].append(total)  # disjoint events (prefix-free): at most 1 but for rounding
@@ -247,13 +250,52 @@ def refusal_probability(
     return out
 
 
-def _forward(model, cache_arg: str, ids: list[int], cache, last_only: bool = False):
-    """The logits of `ids` [len, vocab] (of the last only: [1, vocab]) given the KV cache of what precedes
-    them (None: nothing), passed as `cache_arg`, and the cache extended by them."""
+def _refusal_logprobs(
+    model, cache_arg: str, cases: list[tuple[list[int], list[tuple[int, ...]]]]
+) -> dict[tuple[int, tuple[int, ...]], torch.Tensor]:
+    """{(case, stem): log-probs [vocab] of the token after context + stem}, for every case (context, refusal
+    starts) and every proper prefix (stem, () included) of its starts; the contexts are prefixes of the
+    last one."""
     device = next(model.parameters()).device
-    kwargs = {cache_arg: cache, "logits_to_keep": 1} if last_only else {cache_arg: cache}
-    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, **kwargs)
-    return out.logits[0], getattr(out, "cache", None) or out.past_key_values
+    deepest = cases[-1][0]
+    hidden, outputs = final_hidden_states(
+        model, input_ids=torch.tensor([deepest], device=device), use_cache=True
+    )
+    head = checked_head(model, hidden, outputs)
+    ends = torch.tensor([len(context) - 1 for context, _ in cases], device=device)
+    first = F.log_softmax(head(hidden[0, ends]).float(), dim=-1)
+    logp = {(i, ()): first[i] for i in range(len(cases))}
+    rows = [  # a refusal start's tokens but the last: their logits give every later token's distribution
+        (i, stem)
+        for i, (_, continuations) in enumerate(cases)
+        for stem in sorted({c[:-1] for c in continuations if len(c) > 1})
+    ]
+    if not rows:
+        return logp
+    # every stem after its own context: the cache of the deepest context, positions past the context masked
+    width, past = max(len(stem) for _, stem in rows), len(deepest)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention = torch.zeros(len(rows), past + width, dtype=torch.long)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, (i, stem) in enumerate(rows):
+        n = len(cases[i][0])
+        ids[r, : len(stem)] = torch.tensor(stem)
+        attention[r, :n] = 1
+        attention[r, past:] = 1
+        positions[r] = n + torch.arange(width)
+    cache = copy.deepcopy(getattr(outputs, "cache", None) or outputs.past_key_values)
+    cache.batch_repeat_interleave(len(rows))
+    later = model(
+        input_ids=ids.to(device),
+        attention_mask=attention.to(device),
+        position_ids=positions.to(device),
+        use_cache=True,
+        **{cache_arg: cache},
+    ).logits.float()
+    for r, (i, stem) in enumerate(rows):
+        for k in range(len(stem)):
+            logp[i, stem[: k + 1]] = F.log_softmax(later[r, k], dim=-1)
+    return logp
 
 
 def plot_recovery(curves: dict[str, dict[int, float]], path: str | Path, title: str) -> None:
