@@ -164,6 +164,8 @@ def _run(
             start = time.perf_counter()
             spec = STAGES.get(name, "stages")
             values = spec.fn(ctx)
+            if not isinstance(values, dict):
+                raise TypeError(f"stage {name} returned {type(values).__name__}, not a dict of metrics")
             values[f"time/{name}_s"] = round(time.perf_counter() - start, 3)
             ctx.finished.pop(name, None)
             ctx.finished[name] = None

@@ -83,7 +83,9 @@ WAYS = [
     Way(
         "ctrl-c",
         ("logger=wandb",),
-        "    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(60)",
+        # to the main thread itself: os.kill may hand a process-wide SIGINT to another thread (W&B's), and
+        # then the main thread sleeps on and the stage returns before Python raises KeyboardInterrupt
+        "    signal.raise_signal(signal.SIGINT)\n    time.sleep(60)",
         130,
         r"deepalign: interrupted; rerun the same command \(same hydra\.run\.dir=\S+/run\) to resume\n$",
     ),
