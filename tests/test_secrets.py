@@ -35,6 +35,10 @@ import dataclasses, os, signal, sys, time
 from deepalign import cli, runner
 from deepalign.plugins import STAGES
 
+# Ctrl-C as in a shell's foreground job, whatever the test runner's disposition: a job started in the
+# background by a non-interactive shell ignores SIGINT, and its children inherit that
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 def stage(ctx):
 {body}
 
@@ -83,8 +87,7 @@ WAYS = [
     Way(
         "ctrl-c",
         ("logger=wandb",),
-        # to the main thread itself: os.kill may hand a process-wide SIGINT to another thread (W&B's), and
-        # then the main thread sleeps on and the stage returns before Python raises KeyboardInterrupt
+        # to the main thread itself (os.kill may hand a process-wide SIGINT to another thread)
         "    signal.raise_signal(signal.SIGINT)\n    time.sleep(60)",
         130,
         r"deepalign: interrupted; rerun the same command \(same hydra\.run\.dir=\S+/run\) to resume\n$",
