@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import compose_config
+from test_generation import PROMPTS as GENERATION_PROMPTS
 
 from deepalign.artifacts import JsonlStore
 from deepalign.attacks import EvalItem, Variant
@@ -27,13 +28,7 @@ from deepalign.generation import (
 from deepalign.generation_store import computation_id, generate_variant
 from deepalign.models import load_model
 
-PROMPTS = [
-    "Hi",
-    "Tell me a long story about a dragon and a knight who become friends.",
-    "What is 2+2?",
-    "Write a haiku about autumn leaves falling on a quiet pond in the mountains at dusk.",
-    "Translate 'good morning' into French.",
-]
+PROMPTS = GENERATION_PROMPTS[:5]  # prompts of different lengths: the batches are left-padded
 GREEDY = SamplingParams(max_new_tokens=10)
 SAMPLED = SamplingParams(do_sample=True, temperature=0.8, top_k=40, max_new_tokens=10)
 # What the forward passes of a dynamic-cache generate see: transformers 5.0 lets the model make its
