@@ -309,7 +309,8 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int = 0
     num_samples: int = 1
-    # static: a pre-allocated KV cache (hf backend); on CUDA transformers then compiles the decoding step
+    # static: a pre-allocated KV cache kept across batches (hf backend); on CUDA transformers then compiles
+    # the decoding step
     cache: str = "dynamic"
 
     def check(self, key: str = "generation") -> None:

@@ -10,7 +10,6 @@ From the model itself: the teacher-forced probability that it starts a refusal r
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import re
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from deepalign.chat import encode_for_training, response_tokens
 from deepalign.data import DataError, read_rows
 from deepalign.kl import save_figure
-from deepalign.logprobs import checked_head, final_hidden_states
+from deepalign.logprobs import cache_kwarg, checked_head, final_hidden_states
 
 Curve = list[tuple[int, float]]
 
@@ -209,8 +208,7 @@ def refusal_probability(
     every refusal start's later tokens after every depth, on copies of that pass's KV cache with the
     positions past each depth's context masked out."""
     out: dict[int, list[float]] = {depth: [] for depth in depths}
-    # the cache argument: `cache` from transformers 5.2x, `past_key_values` before
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_kwarg(model)
     training = model.training
     model.eval()
     try:

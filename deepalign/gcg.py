@@ -44,7 +44,6 @@ does not depend on the other prompts of the call), on the CPU, so the same seed 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 import weakref
@@ -57,6 +56,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from deepalign.chat import chat_messages, encode_for_generation, special_ids
+from deepalign.logprobs import cache_kwarg
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -287,16 +287,6 @@ def sample_candidates(
 # Losses
 
 
-def _base_model(model: PreTrainedModel):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _cache_kwarg(model: PreTrainedModel) -> str:
-    """`cache` (transformers >= 5.2x) or `past_key_values` (earlier 5.x)."""
-    params = inspect.signature(_base_model(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 class TargetScorer:
     """Target loss of suffixes for one prompt: gradients w.r.t. the one-hot suffix and batched candidate
     losses, from a prefix KV cache (`use_prefix_cache`) or full forward passes."""
@@ -313,7 +303,7 @@ class TargetScorer:
         self.before, self.after, self.target = (
             tensor(x) for x in (layout.before_ids, layout.after_ids, layout.target_ids)
         )
-        self.cache_kwarg = _cache_kwarg(model)
+        self.cache_kwarg = cache_kwarg(model)
         self.prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if use_prefix_cache and layout.before_ids:
             with torch.no_grad():

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from deepalign.logprobs import pad_batch
+from deepalign.logprobs import cache_kwarg, pad_batch, unwrap
 from deepalign.precision import generation_autocast
 
 if TYPE_CHECKING:
@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 
 VLLM_INSTALL_HINT = "pip install deepalign[vllm]"
 
-# HFEngine's KV caches: transformers' default (grows as it decodes), or "static", one allocated for the whole
-# generation, with which `generate` compiles the decoding step (torch.compile, CUDA graphs) on a CUDA device.
+# HFEngine's KV caches: transformers' default (grows as it decodes), or "static", one allocated up front and
+# kept by the engine, with which `generate` compiles the decoding step (torch.compile, CUDA graphs) on CUDA.
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 
 # Decoding settings a model's generation_config.json may set, and the value that switches each off. They are
@@ -308,11 +308,36 @@ def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+class KeptStaticCache:
+    """One transformers `StaticCache` kept for many `generate` calls and reset before each: made anew only for
+    another number of rows or a longer sequence than it holds. A compiled decoding step's CUDA graphs are
+    recorded for the tensors of one cache (with `cache_implementation="static"`, `generate` makes a new
+    cache per call, and the graphs are recorded again)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self._kept: tuple[int, int, Any] | None = None  # (rows, length, StaticCache)
+
+    def get(self, rows: int, length: int) -> Any:
+        """A reset StaticCache for `rows` sequences of up to `length` tokens (prompt and new tokens)."""
+        from transformers import StaticCache
+
+        if self._kept is None or self._kept[0] != rows or self._kept[1] < length:
+            self._kept = None  # the old cache's memory goes before the new one is filled
+            config = unwrap(self.model).config
+            self._kept = (rows, length, StaticCache(config=config, max_cache_len=length))
+        cache = self._kept[2]
+        cache.reset()
+        return cache
+
+
 class HFEngine:
     """Batched, left-padded `model.generate` with the KV cache, on whatever device the model is on.
 
-    `cache="static"` asks `generate` for a pre-allocated KV cache (`cache_implementation="static"`), with
-    which transformers compiles the decoding step on a CUDA device; elsewhere it runs uncompiled.
+    `cache="static"` decodes into a pre-allocated KV cache (transformers' `StaticCache`), with which
+    `generate` compiles the decoding step on a CUDA device (torch.compile, CUDA graphs); elsewhere it runs
+    uncompiled. The engine keeps one (`KeptStaticCache`) across batches and calls, sized for the longest
+    batch of a call (prompt + max_new_tokens).
     """
 
     def __init__(
@@ -339,6 +364,7 @@ class HFEngine:
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
         self._overrides = self._neutral_overrides()
         self.stats = GenerationStats()
+        self._static = KeptStaticCache(model)
 
     def _neutral_overrides(self) -> dict[str, Any]:
         gen_cfg = getattr(self.model, "generation_config", None)
@@ -371,11 +397,12 @@ class HFEngine:
         """Yields results batch by batch (in batch order, not input order: key them by (id, sample))."""
         batches = self.plan(requests)
         total = sum(len(b) for b in batches)
+        longest = max((len(b[0][0].input_ids) + b[0][0].params.max_new_tokens for b in batches), default=0)
         bar = tqdm(total=total, desc="generate", unit="seq", disable=not self.progress or total == 0)
         try:
             for batch in batches:
                 start = time.perf_counter()
-                sequences = self._run_batch(batch)
+                sequences = self._run_batch(batch, longest)
                 results, counts = [], []
                 for (request, sample), seq in zip(batch, sequences):
                     tokens, finished = _cut_at_eos(seq, set(self.eos_ids))
@@ -403,18 +430,20 @@ class HFEngine:
             pad_token_id=self.pad_id,
             use_cache=True,
         )
-        if self.cache != "dynamic":
-            kwargs["cache_implementation"] = self.cache
         return kwargs
 
-    def _run_batch(self, batch: list[tuple[GenerationRequest, int]]) -> list[list[int]]:
-        """The new tokens of each row (up to max_new_tokens; after an EOS, padding)."""
+    def _run_batch(self, batch: list[tuple[GenerationRequest, int]], longest: int) -> list[list[int]]:
+        """The new tokens of each row (up to max_new_tokens; after an EOS, padding). `longest`: prompt and new
+        tokens of the call's longest batch (each batch's first prompt is its longest, see `plan`), the length
+        of a static cache."""
         params = batch[0][0].params
         device = _model_device(self.model)
         prompts = [r.input_ids for r, _ in batch]
         padded = pad_batch(prompts, self.pad_id, side="left", device=device)
         input_ids, attention = padded.input_ids, padded.attention_mask
         kwargs = self._generate_kwargs(params)
+        if self.cache == "static":
+            kwargs[cache_kwarg(self.model)] = self._static.get(len(batch), longest)
         if params.do_sample:
             from transformers import LogitsProcessorList
 

@@ -98,6 +98,14 @@ def unwrap(model: Any) -> Any:
     return model
 
 
+def cache_kwarg(model: Any) -> str:
+    """The name of the KV-cache argument of `model`'s forward and `generate`: `cache` from transformers 5.2x,
+    `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+
+
 def _softcap(model: Any) -> float | None:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return getattr(config, "final_logit_softcapping", None)

@@ -56,8 +56,9 @@ def small(**overrides) -> GCGAttack:
     return GCGAttack(**{**fields, **overrides})
 
 
-def greedy_continuation(model, tok, prompt: str, suffix: str, n: int) -> str:
-    """The model's greedy continuation of the prompt with the suffix, as text that tokenizes back to it."""
+def greedy_continuation(model, tok, prompt: str, suffix: str, n: int) -> str | None:
+    """The model's greedy continuation of the prompt with the suffix, as text; None where that text does not
+    tokenize back to the same tokens (not a fair target)."""
     ids = encode_for_generation(tok, f"{prompt} {suffix}")
     x = torch.tensor([ids])
     with torch.no_grad():
@@ -65,8 +66,7 @@ def greedy_continuation(model, tok, prompt: str, suffix: str, n: int) -> str:
             x = torch.cat([x, model(input_ids=x).logits[:, -1:].argmax(-1)], dim=1)
     out = x[0, len(ids) :].tolist()
     text = tok.decode(out, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    assert tok(text, add_special_tokens=False)["input_ids"] == out  # a fair target
-    return text
+    return text if tok(text, add_special_tokens=False)["input_ids"] == out else None
 
 
 # -- targets ---------------------------------------------------------------------------------------------
@@ -106,7 +106,8 @@ def test_layout_places_the_suffix_where_the_template_renders_it(tok, system):
     assert ids[: -len(layout.target_ids)] == encode_for_generation(tok, f"{PROMPT} {suffix}", system=system)
     start = len(layout.before_ids)
     assert ids[start : start + 6] == layout.suffix_ids
-    assert ids[start + 6 + len(layout.after_ids) :] == layout.target_ids == tok(TARGET)["input_ids"]
+    target_ids = tok(TARGET, add_special_tokens=False)["input_ids"]
+    assert ids[start + 6 + len(layout.after_ids) :] == layout.target_ids == target_ids
 
 
 def test_layout_with_a_template_that_strips_the_content(tok):
@@ -252,6 +253,7 @@ def test_universal_mode_shares_one_suffix(model, tok):
 
 def test_early_stop_when_greedy_decoding_gives_the_target(model, tok):
     target = greedy_continuation(model, tok, PROMPT, "! ! ! ! ! ! ! !", 4)
+    assert target is not None
     (stopped,) = run_gcg(model, tok, [PROMPT], [target], small(early_stop=True), progress=False)
     assert stopped.success and stopped.steps == 0 < 10 and stopped.losses == []
     assert stopped.suffix == "! ! ! ! ! ! ! !" and stopped.best_loss == stopped.initial_loss
@@ -261,8 +263,11 @@ def test_early_stop_when_greedy_decoding_gives_the_target(model, tok):
 
 def test_early_stop_after_some_steps(model, tok):
     """The model's greedy continuation under another suffix: GCG finds a suffix producing it and stops."""
-    target = greedy_continuation(model, tok, PROMPT, "! ! ! ! ! ! ! hello", 2)
-    assert greedy_continuation(model, tok, PROMPT, "! ! ! ! ! ! ! !", 2) != target
+    initial = greedy_continuation(model, tok, PROMPT, "! ! ! ! ! ! ! !", 2)
+    # a suffix the random weights (which differ between transformers versions) continue differently
+    words = ("hello", "ok", "world", "yes", "please", "now")
+    others = (greedy_continuation(model, tok, PROMPT, f"! ! ! ! ! ! ! {w}", 2) for w in words)
+    target = next(t for t in others if t is not None and t != initial)
     (result,) = run_gcg(model, tok, [PROMPT], [target], small(early_stop=True), progress=False)
     assert result.success and 0 < result.steps < 10 and len(result.losses) == result.steps
     assert greedy_continuation(model, tok, PROMPT, result.suffix, 2) == target

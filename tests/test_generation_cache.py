@@ -101,11 +101,47 @@ def test_static_sampled_rows_equal_dynamic(lively, prompt_ids):
     assert set(caches) == {"StaticCache"}
 
 
-def test_static_reaches_generate_only_when_asked(lively):
-    dynamic = HFEngine(lively.model, lively.tokenizer, progress=False)
-    static = HFEngine(lively.model, lively.tokenizer, progress=False, cache="static")
-    assert "cache_implementation" not in dynamic._generate_kwargs(GREEDY)
-    assert static._generate_kwargs(GREEDY)["cache_implementation"] == "static"
+def test_static_engine_keeps_one_cache_across_batches_and_calls(lively, prompt_ids):
+    """One StaticCache serves every batch of a call and the later calls, reset in between (the tokens equal
+    the dynamic cache's); it is made anew only for another number of rows or a longer call. A compiled
+    decoding step's CUDA graphs are recorded for the tensors of one cache."""
+    engine = HFEngine(lively.model, lively.tokenizer, batch_size=2, progress=False, cache="static")
+    dynamic = HFEngine(lively.model, lively.tokenizer, batch_size=2, progress=False)
+    caches: list[tuple[int, int, int]] = []  # (object id, rows, length) of the cache each forward pass got
+    alive = []  # every cache seen, kept so that no two of them share an id
+
+    def spy(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if type(cache).__name__ == "StaticCache":
+            alive.append(cache)
+            caches.append((id(cache), kwargs["input_ids"].shape[0], cache.layers[0].max_cache_len))
+
+    def tokens(engine, reqs):
+        return {(r.id, r.sample): r.token_ids for r in engine.generate(reqs)}
+
+    four, five = requests_for(prompt_ids[:4], GREEDY), requests_for(prompt_ids, GREEDY)
+    longer = requests_for(prompt_ids[:2], dataclasses.replace(GREEDY, max_new_tokens=20))
+    hook = lively.model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        first = tokens(engine, four)  # two batches of 2
+        calls = [set(caches)]
+        for reqs in (four, five, longer):  # again; then 2 + 2 + 1 rows; then 20 new tokens
+            caches.clear()
+            assert tokens(engine, reqs) == tokens(dynamic, reqs)
+            calls.append(set(caches))
+    finally:
+        hook.remove()
+    assert "cache_implementation" not in engine._generate_kwargs(GREEDY)
+    length = max(len(p) for p in prompt_ids[:4]) + GREEDY.max_new_tokens
+    (one,) = calls[0]
+    assert one[1:] == (2, length) and calls[1] == {one}
+    two_rows = {c for c in calls[2] if c[1] == 2}
+    (single,) = {c for c in calls[2] if c[1] == 1}
+    assert len(two_rows) == 1 and single[0] != one[0]
+    assert max(len(p) for p in prompt_ids) + GREEDY.max_new_tokens == single[2]
+    (grown,) = calls[3]
+    assert grown[1:] == (2, max(len(p) for p in prompt_ids[:2]) + 20) and grown[2] > single[2]
+    assert first == tokens(dynamic, four)
     with pytest.raises(ValueError, match="cache must be one of dynamic, static, got 'paged'"):
         HFEngine(lively.model, lively.tokenizer, cache="paged")
 
