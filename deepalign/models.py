@@ -75,8 +75,17 @@ def gguf_path(package: str, filename: str) -> Path:
 
 
 def _cache_key(path: Path) -> dict[str, object]:
+    """What a conversion depends on: the GGUF file and the transformers release that reads it (releases
+    before 5.18 read SmolLM2's GGUF tokenizer as another kind, with other token ids)."""
+    import transformers
+
     st = path.stat()
-    return {"gguf": path.name, "size": st.st_size, "mtime": int(st.st_mtime)}
+    return {
+        "gguf": path.name,
+        "size": st.st_size,
+        "mtime": int(st.st_mtime),
+        "transformers": transformers.__version__,
+    }
 
 
 def convert_gguf(package: str, filename: str, cache_dir: str | Path, *, weights: bool = True) -> Path:

@@ -312,6 +312,17 @@ class TrackerCallback(TrainerCallback):
         self.tracker.log(values, step=state.global_step)
 
 
+class TokensAtStart(TrainerCallback):
+    """The Trainer's non-padding input-token count when this call's training starts (after a resume: the
+    checkpoint's), for the tokens this call trained."""
+
+    def __init__(self) -> None:
+        self.tokens: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tokens = int(state.num_input_tokens_seen)
+
+
 def deepspeed_config(name: str | None) -> str | None:
     """`zero2` / `zero3` name the packaged configs in launchers/; anything else is a path to a JSON file."""
     if name in ("zero2", "zero3"):
@@ -439,7 +450,7 @@ def train(
         train_dataset=dataset,
         data_collator=Collator(tokenizer.pad_token_id, packing=cfg.packing),
         processing_class=tokenizer,
-        callbacks=[TrackerCallback(tracker)],
+        callbacks=[TrackerCallback(tracker), TokensAtStart()],
         loss_config=loss,
         logprob_chunk_mib=cfg.logprob_chunk_mib,
     )

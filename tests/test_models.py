@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import compose_config
 
 from deepalign import models
@@ -144,7 +145,12 @@ def test_convert_gguf_tokenizer_only(fresh_tokenizer_folder):
     assert not any(name.endswith(".safetensors") for name in files), "weights=False must not write weights"
     source = gguf_path(GGUF_PACKAGE, GGUF_FILE)
     stamp = json.loads((folder / "deepalign-source.json").read_text())
-    assert stamp == {"gguf": GGUF_FILE, "size": source.stat().st_size, "mtime": int(source.stat().st_mtime)}
+    assert stamp == {
+        "gguf": GGUF_FILE,
+        "size": source.stat().st_size,
+        "mtime": int(source.stat().st_mtime),
+        "transformers": transformers.__version__,
+    }
     # The conversion went through a temporary folder that must be gone.
     assert not [p for p in cache.iterdir() if ".tmp-" in p.name]
 
@@ -153,6 +159,10 @@ def test_convert_gguf_tokenizer_only(fresh_tokenizer_folder):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert len(tokenizer) == 49152
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    # read as the GGUF file says (transformers before 5.18 made it a Llama tokenizer: spaces became
+    # <|endoftext|>, EOS <|im_start|>): byte-level BPE, EOS and padding <|im_end|> (id 2)
+    assert tokenizer.tokenize("Hello world") == ["Hello", "\u0120world"]
+    assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token_id) == ("<|im_end|>", 2, 2)
 
 
 def test_convert_gguf_twice_does_not_convert_again(fresh_tokenizer_folder, monkeypatch):
@@ -171,12 +181,16 @@ def test_convert_gguf_twice_does_not_convert_again(fresh_tokenizer_folder, monke
     assert sorted(p.name for p in cache.iterdir()) == listing
 
 
-def test_convert_gguf_reconverts_on_a_stale_stamp(tmp_path, monkeypatch):
-    """A stamp that does not match the GGUF file (another version of the package) forces a new conversion."""
+@pytest.mark.parametrize("stale", ["file", "transformers"])
+def test_convert_gguf_reconverts_on_a_stale_stamp(tmp_path, monkeypatch, stale):
+    """A stamp that does not match the GGUF file (another version of the package) or the transformers release
+    that converted it forces a new conversion."""
     cache = tmp_path / "models"
     target = cache / "SmolLM2-135M-Instruct.Q4_1-tokenizer"
     target.mkdir(parents=True)
-    (target / "deepalign-source.json").write_text(json.dumps({"gguf": GGUF_FILE, "size": 1, "mtime": 1}))
+    old_stamp = models._cache_key(gguf_path(GGUF_PACKAGE, GGUF_FILE))
+    old_stamp.update({"size": 1} if stale == "file" else {"transformers": "5.0.0"})
+    (target / "deepalign-source.json").write_text(json.dumps(old_stamp))
     (target / "old-file.txt").write_text("from the old conversion")
     calls = []
 

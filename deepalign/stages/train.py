@@ -20,7 +20,7 @@ from deepalign.plugins import LOSSES, register_stage
 from deepalign.precision import train_bf16
 from deepalign.reference import cached_reference_logps, model_fingerprint
 from deepalign.rundir import write_json_atomic, write_text_atomic
-from deepalign.training import TokenDataset, train
+from deepalign.training import TokenDataset, TokensAtStart, train
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,8 @@ def train_throughput(trainer, history: list[dict[str, float]]) -> dict[str, floa
     processes; the Trainer counts them, `include_num_input_tokens_seen`) over the seconds its training loop
     took (`train_runtime`). Nothing when no step was trained (a finished run reloaded)."""
     runtime = next((h["train/train_runtime"] for h in reversed(history) if "train/train_runtime" in h), None)
-    start = getattr(trainer, "_initial_num_input_tokens_seen", None)  # at the resumed step
+    at_start = [c for c in trainer.callback_handler.callbacks if isinstance(c, TokensAtStart)]
+    start = at_start[0].tokens if at_start else None  # at the resumed step
     if not runtime or start is None:
         return {}
     tokens = int(trainer.state.num_input_tokens_seen - start)
