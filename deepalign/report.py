@@ -201,13 +201,22 @@ def agreement_table(run_dir: Path, models) -> list[str]:
 
 
 STAGE_ORDER = ("train", "attack", "analyze", "utility", "probe")
-TimeRow = tuple[str, str, float | None, float | None, float | None]
+TimeRow = tuple[str, str, float | None, float | None, float | None, str | None]
+
+
+def _peak(metrics: dict[str, float], prefix: str) -> str | None:
+    """A stretch's peak memory as one cell: RSS GiB, and CUDA's after a slash where it was used."""
+    rss, cuda = metrics.get(f"{prefix}/peak_rss_gib"), metrics.get(f"{prefix}/peak_cuda_gib")
+    if rss is None and cuda is None:
+        return None
+    text = "-" if rss is None else f"{rss:.2f}"
+    return text if cuda is None else f"{text} / {cuda:.2f}"
 
 
 def time_rows(metrics: dict[str, float], models) -> list[TimeRow]:
-    """Where the time goes: (part, stage, seconds, generation tokens/s, training tokens/s) for the harvest,
-    each sub-run's stages (`<model>/time/<stage>_s`, `<model>/throughput/<stage>/gen_tokens_per_s` and
-    `.../tokens_per_s`) and the margins."""
+    """Where the time goes: (part, stage, seconds, generation tokens/s, training tokens/s, peak memory) for
+    the harvest, each sub-run's stages (`<model>/time/<stage>_s`, `<model>/throughput/<stage>/...`,
+    `<model>/memory/<stage>/peak_*_gib`) and the margins."""
     get = metrics.get
     rows: list[TimeRow] = [
         (
@@ -216,6 +225,7 @@ def time_rows(metrics: dict[str, float], models) -> list[TimeRow]:
             get("time/quickstart/harvest_s"),
             get("throughput/harvest/gen_tokens_per_s"),
             None,
+            _peak(metrics, "memory/quickstart/harvest"),
         )
     ]
     for model in models:
@@ -231,9 +241,10 @@ def time_rows(metrics: dict[str, float], models) -> list[TimeRow]:
                     get(prefix + f"{stage}_s"),
                     get(f"{speed}/gen_tokens_per_s"),
                     get(f"{speed}/tokens_per_s"),
+                    _peak(metrics, f"{model}/memory/{stage}"),
                 )
             )
-    rows.append(("margins", "first-token margin", get("time/quickstart/margin_s"), None, None))
+    rows.append(("margins", "first-token margin", get("time/quickstart/margin_s"), None, None, None))
     return rows
 
 
@@ -244,12 +255,13 @@ def time_table(metrics: dict[str, float], models) -> list[str]:
         return "-" if value is None else format(value, digits)
 
     rows = time_rows(metrics, models)
-    lines = ["| part | stage | seconds | generation tokens/s | training tokens/s |", "|---|---|---|---|---|"]
-    for part, stage, seconds, gen, train in rows:
-        cells = [part, stage, cell(seconds, ".0f"), cell(gen, ".1f"), cell(train, ".0f")]
+    header = "| part | stage | seconds | generation tokens/s | training tokens/s | peak memory (GiB) |"
+    lines = [header, "|---|---|---|---|---|---|"]
+    for part, stage, seconds, gen, train, peak in rows:
+        cells = [part, stage, cell(seconds, ".0f"), cell(gen, ".1f"), cell(train, ".0f"), peak or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     total = sum(r[2] for r in rows if r[2] is not None)
-    lines.append(f"| total | | {total:.0f} ({total / 60:.1f} min) | | |")
+    lines.append(f"| total | | {total:.0f} ({total / 60:.1f} min) | | | |")
     return lines
 
 
@@ -511,7 +523,8 @@ def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> P
         f"Stage times: {timings}; total {sum(times.values()) / 60:.1f} min.",
         "",
         "Where the time goes: each part's stages, with the tokens generated per second (new tokens) and",
-        "trained per second (non-padding input tokens) where the stage generated or trained in this run.",
+        "trained per second (non-padding input tokens) where the stage generated or trained in this run, and",
+        "its peak memory: this process's resident set (and CUDA's allocator peak after a slash, on a GPU).",
         "",
         *time_table(metrics, models),
         "",

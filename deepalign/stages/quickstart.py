@@ -42,6 +42,7 @@ from deepalign.depth import refusal_templates
 from deepalign.generation import SamplingParams, make_engine
 from deepalign.generation_store import generate_variant
 from deepalign.judges.keyword import REFUSAL_LISTS, find_refusal
+from deepalign.memory import PeakMemory
 from deepalign.models import trained_model
 from deepalign.plugins import STAGES, register_stage
 from deepalign.rundir import write_text_atomic
@@ -257,15 +258,18 @@ def run_quickstart(ctx: RunContext) -> dict[str, float]:
     configs = {name: sub_config(ctx, name, data_dir, models_dir) for name in names}
     timing_file = out / "harvest_time.json"  # the first (real) harvest's duration and speed survive re-runs
     start = time.perf_counter()
-    metrics = harvest(ctx, data_dir)
+    with PeakMemory() as peak:
+        metrics = harvest(ctx, data_dir)
     speed = metrics.pop(HARVEST_THROUGHPUT, None)
     if not timing_file.is_file():
         first = {"seconds": round(time.perf_counter() - start, 1), "gen_tokens_per_s": speed}
+        first["memory"] = peak.metrics("memory/quickstart/harvest")
         write_text_atomic(timing_file, json.dumps(first))
     first = json.loads(timing_file.read_text())
     metrics["time/quickstart/harvest_s"] = first["seconds"]
     if first.get("gen_tokens_per_s") is not None:
         metrics[HARVEST_THROUGHPUT] = first["gen_tokens_per_s"]
+    metrics.update(first.get("memory", {}))
     ctx.forget_model()  # each sub-run loads its own
     models: dict[str, ModelConfig] = {}
     for name, cfg in configs.items():
