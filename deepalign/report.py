@@ -205,8 +205,8 @@ TimeRow = tuple[str, str, float | None, float | None, float | None, str | None]
 
 
 def _peak(metrics: dict[str, float], prefix: str) -> str | None:
-    """A stretch's peak memory as one cell: RSS GiB, and CUDA's after a slash where it was used."""
-    rss, cuda = metrics.get(f"{prefix}/peak_rss_gib"), metrics.get(f"{prefix}/peak_cuda_gib")
+    """A stretch's memory as one cell: the RSS high-water mark (GiB), and CUDA's peak after a slash."""
+    rss, cuda = metrics.get(f"{prefix}/rss_high_water_gib"), metrics.get(f"{prefix}/peak_cuda_gib")
     if rss is None and cuda is None:
         return None
     text = "-" if rss is None else f"{rss:.2f}"
@@ -214,9 +214,9 @@ def _peak(metrics: dict[str, float], prefix: str) -> str | None:
 
 
 def time_rows(metrics: dict[str, float], models) -> list[TimeRow]:
-    """Where the time goes: (part, stage, seconds, generation tokens/s, training tokens/s, peak memory) for
+    """Where the time goes: (part, stage, seconds, generation tokens/s, training tokens/s, memory) for
     the harvest, each sub-run's stages (`<model>/time/<stage>_s`, `<model>/throughput/<stage>/...`,
-    `<model>/memory/<stage>/peak_*_gib`) and the margins."""
+    `<model>/memory/<stage>/...`) and the margins."""
     get = metrics.get
     rows: list[TimeRow] = [
         (
@@ -255,7 +255,7 @@ def time_table(metrics: dict[str, float], models) -> list[str]:
         return "-" if value is None else format(value, digits)
 
     rows = time_rows(metrics, models)
-    header = "| part | stage | seconds | generation tokens/s | training tokens/s | peak memory (GiB) |"
+    header = "| part | stage | seconds | generation tokens/s | training tokens/s | RSS high-water (GiB) |"
     lines = [header, "|---|---|---|---|---|---|"]
     for part, stage, seconds, gen, train, peak in rows:
         cells = [part, stage, cell(seconds, ".0f"), cell(gen, ".1f"), cell(train, ".0f"), peak or "-"]
@@ -524,7 +524,8 @@ def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> P
         "",
         "Where the time goes: each part's stages, with the tokens generated per second (new tokens) and",
         "trained per second (non-padding input tokens) where the stage generated or trained in this run, and",
-        "its peak memory: this process's resident set (and CUDA's allocator peak after a slash, on a GPU).",
+        "this process's resident-memory high-water mark when it ended (the stage where it rises set it; on a",
+        "GPU, CUDA's allocator peak during the stage after a slash).",
         "",
         *time_table(metrics, models),
         "",

@@ -85,13 +85,13 @@ def test_where_the_time_goes_table():
     metrics = {
         "time/quickstart/harvest_s": 68.0,
         "throughput/harvest/gen_tokens_per_s": 120.34,
-        "memory/quickstart/harvest/peak_rss_gib": 1.234,
+        "memory/quickstart/harvest/rss_high_water_gib": 1.234,
         "shallow/time/utility_s": 20.0,
         "shallow/time/train_s": 50.2,
         "shallow/time/attack_s": 100.0,
         "shallow/throughput/train/tokens_per_s": 2000.4,
         "shallow/throughput/attack/gen_tokens_per_s": 300.0,
-        "shallow/memory/train/peak_rss_gib": 2.5,
+        "shallow/memory/train/rss_high_water_gib": 2.5,
         "shallow/memory/train/peak_cuda_gib": 10.125,
         "shallow/memory/attack/peak_cuda_gib": 3.0,
         "deep/asr/none": 0.5,
@@ -105,7 +105,7 @@ def test_where_the_time_goes_table():
         ("margins", "first-token margin", 22.0, None, None, None),
     ]
     assert time_table(metrics, ["shallow"]) == [
-        "| part | stage | seconds | generation tokens/s | training tokens/s | peak memory (GiB) |",
+        "| part | stage | seconds | generation tokens/s | training tokens/s | RSS high-water (GiB) |",
         "|---|---|---|---|---|---|",
         "| harvest | generate | 68 | 120.3 | - | 1.23 |",
         "| shallow | train | 50 | - | 2000 | 2.50 / 10.12 |",
