@@ -7,7 +7,8 @@ The quickstart records `time/quickstart/<part>_s` per part (the harvest, each mo
 margins) and each sub-run its own stage times as `<model>/time/<stage>_s`, both taken when the work really ran
 (a rerun that skips finished stages keeps the first times). The table has one row per part, its stage times
 as columns, and its share of the total. A second table gives the tokens generated and trained per second of
-each stage that generated or trained (`throughput/...` keys, as in the run's report.md).
+each stage that generated or trained (`throughput/...` keys, as in the run's report.md) and the process's RSS
+high-water mark when the stage ended (`memory/...`).
 """
 
 from __future__ import annotations
@@ -76,14 +77,25 @@ def main() -> None:
             f"{seconds:.0f}",
             "-" if gen is None else f"{gen:.1f}",
             "-" if train is None else f"{train:.0f}",
+            memory or "-",
         ]
-        for part, stage, seconds, gen, train in time_rows(metrics, PART_ORDER[1:])
+        for part, stage, seconds, gen, train, memory in time_rows(metrics, PART_ORDER[1:])
         if seconds is not None and (gen is not None or train is not None)
     ]
     if speeds:
         print(
             "\n"
-            + markdown_table(["part", "stage", "seconds", "generation tokens/s", "training tokens/s"], speeds)
+            + markdown_table(
+                [
+                    "part",
+                    "stage",
+                    "seconds",
+                    "generation tokens/s",
+                    "training tokens/s",
+                    "RSS high-water (GiB)",
+                ],
+                speeds,
+            )
         )
 
 

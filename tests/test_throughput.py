@@ -114,3 +114,29 @@ def test_where_the_time_goes_table():
         "| margins | first-token margin | 22 | - | - | - |",
         "| total | | 260 (4.3 min) | | | |",
     ]
+
+
+def test_quickstart_stages_bench_reads_a_run_dir(tmp_path, monkeypatch, capsys):
+    """bench/quickstart_stages.py prints the stage table and the speed table, memory column included."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    metrics = {
+        "time/quickstart/harvest_s": 68.0,
+        "time/quickstart/shallow_s": 150.2,
+        "shallow/time/train_s": 50.2,
+        "shallow/time/attack_s": 100.0,
+        "shallow/throughput/train/tokens_per_s": 2000.4,
+        "shallow/memory/train/rss_high_water_gib": 2.5,
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    path = Path(__file__).resolve().parents[1] / "bench" / "quickstart_stages.py"
+    spec = importlib.util.spec_from_file_location("quickstart_stages", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["quickstart_stages.py", str(tmp_path)])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "| shallow | train | 50 | - | 2000 | 2.50 |" in out
+    assert "Total 3.6 min against a budget of 15 min: met." in out
