@@ -4,6 +4,7 @@ engine's per-row sampler vs greedy decoding at the same shape, and its KV caches
     python bench/generation.py                 # SmolLM2-135M-Instruct, 32 prompts, 32 new tokens
     python bench/generation.py --quick         # the tiny random model, 8 prompts, 8 new tokens
     python bench/generation.py --only-caches   # the cache table alone (e.g. on a GPU)
+    python bench/generation.py --only-prefixes --batch-sizes 48   # nested prefills: prefix sharing vs not
 
 The prompts are the packaged benign prompts, chat-formatted through the tokenizer's template
 (`encode_for_generation`), the same ids for every variant. The baseline calls `model.generate` on one prompt
@@ -24,6 +25,10 @@ The third table runs the same prompts greedily at the largest batch size with ea
 step (torch.compile, CUDA graphs) on a CUDA device. Each cache's first run, which pays for the compilation,
 is timed apart; then `--repeats` runs in rounds, the median reported, and each cache's tokens compared with
 the first cache's.
+
+The fourth table has a prefilling attack's shape: each prompt with the first k tokens of one answer for each
+of `--depths`, greedy, decoded with prefix sharing (the engine's default: one forward pass over a prompt's
+deepest prefill, whose KV cache its shallower ones decode from) and with every row from its own prompt.
 """
 
 from __future__ import annotations
@@ -175,6 +180,14 @@ def main() -> None:
         help="KV caches (generation.cache) to compare, greedy, at the largest batch size (none: skip)",
     )
     parser.add_argument("--only-caches", action="store_true", help="only the cache table")
+    parser.add_argument(
+        "--depths",
+        type=int,
+        nargs="*",
+        default=[0, 5, 10, 20, 40, 70, 100],
+        help="prefill depths of the nested-prefill table, an attack's shape (none: skip)",
+    )
+    parser.add_argument("--only-prefixes", action="store_true", help="only the nested-prefill table")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each variant (the median)")
     parser.add_argument("--quick", action="store_true", help="tiny random model, 8 prompts, 8 new tokens")
     add_common_arguments(parser)
@@ -190,6 +203,12 @@ def main() -> None:
     loaded = load(args.model)
     tok = loaded.tokenizer
     ids = [encode_for_generation(tok, p) for p in prompts(args.prompts)]
+    if args.only_prefixes:
+        print(f"model={args.model}, {args.prompts} prompts; {machine_line()}")
+        compare_prefixes(
+            loaded, max(args.batch_sizes), args.max_new_tokens, args.depths, args.prompts, args.repeats
+        )
+        return
     if args.only_caches:
         print(f"model={args.model}, {args.prompts} prompts; {machine_line()}")
         compare_caches(loaded, ids, max(args.batch_sizes), args.max_new_tokens, args.caches, args.repeats)
@@ -224,6 +243,67 @@ def main() -> None:
         compare_sampling(loaded, ids, batch_size, args.max_new_tokens, args.sampling, args.repeats)
     if args.caches:
         compare_caches(loaded, ids, max(args.batch_sizes), args.max_new_tokens, args.caches, args.repeats)
+    if args.depths:
+        compare_prefixes(
+            loaded, max(args.batch_sizes), args.max_new_tokens, args.depths, args.prompts, args.repeats
+        )
+
+
+ANSWER = (
+    " Sure, here is a detailed plan. First, gather everything you need and set it out on a clean table, in"
+    " the order you will use it. Second, read the instructions twice, note each step that needs a tool, and"
+    " check that the tools work. Third, start with the smallest part, test it, and only then go on to the"
+    " next one, writing down what you did. Fourth, when every part works, put them together, test the whole,"
+    " and keep your notes for the next time, with what went wrong and how you fixed it, step by step."
+)
+
+
+def compare_prefixes(
+    loaded, batch_size: int, max_new_tokens: int, depths: list[int], n_prompts: int, repeats: int
+) -> None:
+    """A prefilling attack's shape, greedy: each prompt with the first k tokens of one answer for every depth
+    k (nested prefixes), decoded with prefix sharing (one forward pass over each prompt's deepest prefill,
+    whose KV cache the shallower ones decode from) and with every row from its own prompt: wall time, the
+    tokens the model processed (prompt and new), and whether the tokens are the same."""
+    from deepalign.chat import encode_for_generation
+    from deepalign.generation import GenerationRequest, HFEngine
+
+    tok, params = loaded.tokenizer, engine_params(max_new_tokens)
+    requests = []
+    for i, prompt in enumerate(prompts(n_prompts)):
+        full, plain = (encode_for_generation(tok, prompt, prefill=p) for p in (ANSWER, ""))
+        for k in depths:
+            requests.append(GenerationRequest(f"k={k}/{i}", full[: len(plain) + k], params))
+    prompt_tokens = sum(len(r.input_ids) for r in requests)
+
+    def measure(share: bool) -> tuple[float, int, dict[str, list[int]]]:
+        engine = HFEngine(loaded.model, tok, batch_size=batch_size, progress=False, share_prefixes=share)
+        results = {r.id: r.token_ids for r in engine.generate(requests)}
+        return engine.stats.seconds, engine.stats.new_tokens, results
+
+    runs: dict[bool, list] = {False: [], True: []}
+    for _ in range(repeats):  # rounds, so a busy spell of the machine hits both
+        for share in runs:
+            runs[share].append(measure(share))
+    rows, base, reference = [], 0.0, None
+    for share, name in ((False, "each row from its own prompt"), (True, "prefix sharing")):
+        seconds, tokens, results = sorted(runs[share], key=lambda r: r[0])[len(runs[share]) // 2]
+        base, reference = base or seconds, reference or results
+        differ = sum(results[k] != reference[k] for k in reference)
+        same = "yes" if differ == 0 else f"NO ({differ} of {len(reference)} rows differ)"
+        rows.append(
+            [name, f"{seconds:.1f}", tokens, f"{tokens / seconds:.1f}", f"{base / seconds:.2f}x", same]
+        )
+    print(
+        f"\nNested prefills (depths {depths}), {n_prompts} prompts x {len(depths)} depths = {len(requests)} "
+        f"greedy requests ({prompt_tokens} prompt tokens), batch {batch_size}, up to {max_new_tokens} new "
+        f"tokens, median of {repeats}:\n"
+    )
+    print(
+        markdown_table(
+            ["decoding", "wall (s)", "new tokens", "new tokens/s", "speed-up", "same tokens"], rows
+        )
+    )
 
 
 def compare_caches(
@@ -278,8 +358,10 @@ def compare_sampling(
 
     from deepalign.generation import HFEngine
 
-    def engine() -> HFEngine:
-        return HFEngine(loaded.model, loaded.tokenizer, batch_size=batch_size, progress=False)
+    def engine() -> HFEngine:  # every row decoded from its own prompt, as `plan` batches it
+        return HFEngine(
+            loaded.model, loaded.tokenizer, batch_size=batch_size, progress=False, share_prefixes=False
+        )
 
     greedy = engine_params(max_new_tokens)
     variants = [("greedy", lambda: with_steps(engine(), ids, greedy))]

@@ -312,6 +312,9 @@ class GenerationConfig:
     # static: a pre-allocated KV cache kept across batches (hf backend); on CUDA transformers then compiles
     # the decoding step
     cache: str = "dynamic"
+    # greedy requests whose ids start another's (a prefilling attack's depths, the plain request) are decoded
+    # from one KV cache of the longest (hf backend, dynamic cache); false: each from its own prompt
+    share_prefixes: bool = True
 
     def check(self, key: str = "generation") -> None:
         """Also the sampling settings (SamplingParams would reject them only after a model loads)."""

@@ -28,7 +28,8 @@ class RunContext:
     raw_config: DictConfig | None = None  # the composed config, for stages that derive sub-runs from it
     main_process: bool = True  # global rank 0: the one that writes the run's records (launcher=torchrun, ...)
     finished: dict[str, None] = field(default_factory=dict)  # stages done in this run dir, in the order done
-    resolved: dict[str, Any] = field(default_factory=dict)  # the resolved config (secrets redacted)
+    # the resolved config as fingerprints read it (secrets redacted, attack/judge typed: runner.fingerprinted)
+    resolved: dict[str, Any] = field(default_factory=dict)
     _models: dict[str, Any] = field(default_factory=dict)
 
     def producers(self, before: str | None = None) -> list[str]:
@@ -111,6 +112,10 @@ class RunContext:
         return config_fingerprint(self.resolved, STAGES.get(name, "stages").sections, extra)
 
     def forget_model(self) -> None:
-        """Drop the loaded model (the next `model()` call loads again, e.g. the freshly trained one)."""
+        """Drop the loaded model (the next `model()` call loads again, e.g. the freshly trained one) and hand
+        the memory it held back to the system."""
+        from deepalign.memory import release_memory
+
         for key in ("model", "config", "id"):
             self._models.pop(key, None)
+        release_memory()

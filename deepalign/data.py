@@ -83,6 +83,38 @@ def _read_text(path: Path, key: str) -> str:
         ) from None
 
 
+def _unencodable(value: Any, name: str = "") -> tuple[str, str] | None:
+    """The first field of a parsed JSON row (dotted, `[i]` for list items) holding text that cannot be encoded
+    as UTF-8 (a lone surrogate from an escape like `\\ud800`, which no tokenizer takes), and that text's
+    offending character escaped; None when every string encodes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return name, ascii(value[err.start])[1:-1]
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            child = f"{name}.{k}" if name else str(k)
+            if (found := _unencodable(k, child) or _unencodable(v, child)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := _unencodable(item, f"{name}[{i}]")) is not None:
+                return found
+    return None
+
+
+def _check_encodable(row: dict[str, Any], where: str) -> None:
+    """A DataError naming the file, line and field of text that cannot be encoded as UTF-8."""
+    if (found := _unencodable(row)) is not None:
+        field, char = found
+        raise DataError(
+            f"{where}: field {field!r} holds text that cannot be encoded as UTF-8 (a lone surrogate, "
+            f"{char}); write the character itself, or its escaped surrogate pair"
+        )
+
+
 def _read_file(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
     """Rows of a local file, each with its location ("file, line N") for error messages."""
     if not path.is_file():
@@ -100,6 +132,7 @@ def _read_file(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
                 raise DataError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {lineno}: a row must be a JSON object")
+            _check_encodable(row, f"{path}, line {lineno}")
             rows.append((f"{path}, line {lineno}", row))
     elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(_read_text(path, key), newline=""))
@@ -117,6 +150,7 @@ def _read_file(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
         for i, row in enumerate(data):
             if not isinstance(row, dict):
                 raise DataError(f"{path}, item {i}: a row must be a JSON object")
+            _check_encodable(row, f"{path}, item {i}")
             rows.append((f"{path}, item {i}", row))
     else:
         raise DataError(f"{_source_key(key)}: {path} is not .jsonl, .json or .csv")

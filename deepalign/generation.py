@@ -27,6 +27,7 @@ transformers' implicit top_k=50) are overridden, so `top_k=0` really is the full
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -308,6 +309,54 @@ def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+@dataclass
+class _Row:
+    """One sequence to decode: its params and ids, and the (request, sample) pairs whose result it is."""
+
+    params: SamplingParams | None  # None: a root from the context, never decoded
+    input_ids: list[int]
+    copies: list[tuple[GenerationRequest, int]]
+
+
+@dataclass
+class _Family:
+    """Rows whose ids start the first row's (its root, the longest): decoded from the root's KV cache."""
+
+    rows: list[_Row]
+
+
+@dataclass
+class _Prefix:
+    """The KV cache of a batch of roots' ids but their last token, left-padded; `starts`: each root's first
+    column."""
+
+    cache: Any
+    ids: torch.Tensor
+    starts: list[int]
+
+
+def prefix_families(rows: Sequence[_Row]) -> list[_Family]:
+    """The rows grouped under roots: each row joins the first root (longest first, then by ids) whose ids
+    start with its ids, else it is a new root. Families come longest root first. A prefilling attack's
+    depths nest, so each item's deepest prefill is the root of its shallower ones and of its plain request."""
+    trie: dict[int, Any] = {}  # token -> child node; key -1: the family that made the node
+    families: list[_Family] = []
+    for row in sorted(rows, key=lambda r: (-len(r.input_ids), r.input_ids)):  # whatever the rows' order
+        node = trie
+        for token in row.input_ids:
+            node = node.get(token)
+            if node is None:
+                break
+        if node is not None:
+            families[node[-1]].rows.append(row)
+            continue
+        node = trie
+        for token in row.input_ids:
+            node = node.setdefault(token, {-1: len(families)})
+        families.append(_Family([row]))
+    return families
+
+
 class KeptStaticCache:
     """One transformers `StaticCache` kept for many `generate` calls and reset before each: made anew only for
     another number of rows or a longer sequence than it holds. A compiled decoding step's CUDA graphs are
@@ -348,6 +397,7 @@ class HFEngine:
         progress: bool = True,
         autocast: torch.dtype | None = None,
         cache: str = "dynamic",
+        share_prefixes: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -365,6 +415,8 @@ class HFEngine:
         self._overrides = self._neutral_overrides()
         self.stats = GenerationStats()
         self._static = KeptStaticCache(model)
+        # with the dynamic cache: rows whose ids start another row's are decoded from that row's KV cache
+        self.share_prefixes = share_prefixes and cache == "dynamic"
 
     def _neutral_overrides(self) -> dict[str, Any]:
         gen_cfg = getattr(self.model, "generation_config", None)
@@ -393,30 +445,138 @@ class HFEngine:
             batches.extend(rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size))
         return batches
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[GenerationResult]:
-        """Yields results batch by batch (in batch order, not input order: key them by (id, sample))."""
-        batches = self.plan(requests)
-        total = sum(len(b) for b in batches)
-        longest = max((len(b[0][0].input_ids) + b[0][0].params.max_new_tokens for b in batches), default=0)
+    def generate(
+        self, requests: Sequence[GenerationRequest], context: Sequence[Sequence[int]] = ()
+    ) -> Iterator[GenerationResult]:
+        """Yields results batch by batch (in batch order, not input order: key them by (id, sample)).
+
+        With `share_prefixes`, greedy requests are decoded from prefix families (`prefix_families`): one
+        forward pass over a family's longest ids, whose KV cache every member decodes from. `context`: the ids
+        of the other greedy requests of the same computation (e.g. a stage's, generated or not), which may
+        be roots without being decoded, so that a request's root, and so its tokens to the last bit, does not
+        depend on which requests are still to generate (a resume).
+        """
+        _check_requests(requests)
+        share = self.share_prefixes and all(len(r.input_ids) > 1 for r in requests)
+        greedy = [r for r in requests if share and not r.params.do_sample]
+        plain = [r for r in requests if not (share and not r.params.do_sample)]
+        families = prefix_families(self._rows(greedy, context)) if greedy else []
+        total = sum(len(b) for b in self.plan(plain)) + sum(1 for f in families for r in f.rows if r.copies)
         bar = tqdm(total=total, desc="generate", unit="seq", disable=not self.progress or total == 0)
+        eos = set(self.eos_ids)
         try:
-            for batch in batches:
+            for batch, run in [*self._shared_batches(families), *self._plain_batches(plain)]:
                 start = time.perf_counter()
-                sequences = self._run_batch(batch, longest)
+                sequences = run()
                 results, counts = [], []
-                for (request, sample), seq in zip(batch, sequences):
-                    tokens, finished = _cut_at_eos(seq, set(self.eos_ids))
-                    text = decode_continuation(self.tokenizer, request.input_ids, tokens)
-                    copies = range(request.n) if not request.params.do_sample else [sample]
-                    results.extend(
-                        GenerationResult(request.id, s, list(tokens), text, finished) for s in copies
-                    )
+                for row, seq in zip(batch, sequences):
+                    tokens, finished = _cut_at_eos(seq, eos)
+                    for request, sample in row.copies:
+                        text = decode_continuation(self.tokenizer, request.input_ids, tokens)
+                        copies = range(request.n) if not request.params.do_sample else [sample]
+                        results.extend(
+                            GenerationResult(request.id, s, list(tokens), text, finished) for s in copies
+                        )
                     counts.append(len(tokens))
                 self.stats.add(counts, time.perf_counter() - start)
                 bar.update(len(batch))
                 yield from results
         finally:
             bar.close()
+
+    def _rows(self, greedy: Sequence[GenerationRequest], context: Sequence[Sequence[int]]) -> list[_Row]:
+        """One row per distinct (params, ids) of the greedy requests, the result of each request with them,
+        and, for ids of `context` that no request has, a row without requests (a root, never decoded)."""
+        rows: dict[tuple, _Row] = {}
+        for r in greedy:
+            rows.setdefault((r.params, tuple(r.input_ids)), _Row(r.params, r.input_ids, [])).copies.append(
+                (r, 0)
+            )
+        known = {ids for _, ids in rows}
+        extra = {tuple(ids) for ids in context if len(ids) > 1} - known
+        return list(rows.values()) + [_Row(None, list(ids), []) for ids in sorted(extra)]
+
+    def _plain_batches(self, requests: Sequence[GenerationRequest]) -> Iterator[tuple[list[_Row], Any]]:
+        """`plan`'s batches, each decoded from its own left-padded prompts."""
+        batches = self.plan(requests)
+        longest = max((len(b[0][0].input_ids) + b[0][0].params.max_new_tokens for b in batches), default=0)
+        for batch in batches:
+            rows = [_Row(r.params, r.input_ids, [(r, s)]) for r, s in batch]
+            yield rows, lambda batch=batch: self._run_batch(batch, longest)
+
+    def _shared_batches(self, families: list[_Family]) -> Iterator[tuple[list[_Row], Any]]:
+        """For `batch_size` families at a time, one forward pass over their roots' ids (all but the last
+        token) makes a KV cache, from which each of their rows with requests is decoded, in batches of equal
+        params: a row attends to its root's cached positions up to its own length only."""
+        device = _model_device(self.model)
+        families = [f for f in families if any(r.copies for r in f.rows)]
+        for start in range(0, len(families), self.batch_size):
+            chunk = families[start : start + self.batch_size]
+            roots = [f.rows[0] for f in chunk]
+            prefix: list[_Prefix] = []  # made when the chunk's first batch runs
+            rows = sorted(
+                ((i, row) for i, f in enumerate(chunk) for row in f.rows if row.copies),
+                key=lambda x: (str(x[1].params), -len(x[1].input_ids)),
+            )
+            batches: list[list[tuple[int, _Row]]] = []
+            for i, row in rows:
+                last = batches[-1] if batches else None
+                if last and len(last) < self.batch_size and last[0][1].params == row.params:
+                    last.append((i, row))
+                else:
+                    batches.append([(i, row)])
+            for batch in batches:
+
+                def run(batch=batch, roots=roots, prefix=prefix) -> list[list[int]]:
+                    if not prefix:
+                        prefix.append(self._prefix(roots, device))
+                    return self._run_shared(batch, prefix[0], device)
+
+                yield [row for _, row in batch], run
+
+    def _autocast(self, device: torch.device) -> Any:
+        return torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None)
+
+    def _prefix(self, roots: list[_Row], device: torch.device) -> _Prefix:
+        """The KV cache of the roots' ids but their last token, left-padded (position ids from the mask)."""
+        padded = pad_batch([r.input_ids[:-1] for r in roots], self.pad_id, side="left", device=device)
+        mask = padded.attention_mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast(device):
+                out = self.model(
+                    input_ids=padded.input_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        finally:
+            self.model.train(was_training)
+        width = padded.input_ids.shape[1]
+        starts = [width - len(r.input_ids) + 1 for r in roots]
+        cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed in transformers 5.2x
+        return _Prefix(cache, padded.input_ids, starts)
+
+    def _run_shared(
+        self, batch: list[tuple[int, _Row]], prefix: _Prefix, device: torch.device
+    ) -> list[list[int]]:
+        """Decode rows from their roots' cache (`batch`: root index, row): the cache's columns a row does
+        not have are masked out, and its last token is the one new input."""
+        index = torch.tensor([i for i, _ in batch], device=device)
+        cache = copy.deepcopy(prefix.cache)
+        cache.reorder_cache(index)
+        last = torch.tensor([[row.input_ids[-1]] for _, row in batch], device=device)
+        input_ids = torch.cat([prefix.ids[index], last], dim=1)
+        mask = torch.zeros_like(input_ids)
+        for j, (i, row) in enumerate(batch):
+            begin = prefix.starts[i]
+            mask[j, begin : begin + len(row.input_ids) - 1] = 1
+        mask[:, -1] = 1
+        extra = {cache_kwarg(self.model): cache}
+        return self._decode(input_ids, mask, batch[0][1].params, [], device, extra)
 
     def _generate_kwargs(self, params: SamplingParams) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(self._overrides)
@@ -436,24 +596,33 @@ class HFEngine:
         """The new tokens of each row (up to max_new_tokens; after an EOS, padding). `longest`: prompt and new
         tokens of the call's longest batch (each batch's first prompt is its longest, see `plan`), the length
         of a static cache."""
-        params = batch[0][0].params
         device = _model_device(self.model)
-        prompts = [r.input_ids for r, _ in batch]
-        padded = pad_batch(prompts, self.pad_id, side="left", device=device)
-        input_ids, attention = padded.input_ids, padded.attention_mask
-        kwargs = self._generate_kwargs(params)
+        padded = pad_batch([r.input_ids for r, _ in batch], self.pad_id, side="left", device=device)
+        extra = {}
         if self.cache == "static":
-            kwargs[cache_kwarg(self.model)] = self._static.get(len(batch), longest)
+            extra[cache_kwarg(self.model)] = self._static.get(len(batch), longest)
+        seeds = [stable_seed(r.seed, r.id, s) for r, s in batch]
+        return self._decode(padded.input_ids, padded.attention_mask, batch[0][0].params, seeds, device, extra)
+
+    def _decode(
+        self,
+        input_ids: torch.Tensor,
+        attention: torch.Tensor,
+        params: SamplingParams,
+        seeds: list[int],
+        device: torch.device,
+        extra: dict[str, Any],
+    ) -> list[list[int]]:
+        """`model.generate` on one batch: the new tokens of each row (sampled rows through a RowSampler)."""
+        kwargs = {**self._generate_kwargs(params), **extra}
         if params.do_sample:
             from transformers import LogitsProcessorList
 
-            seeds = [stable_seed(r.seed, r.id, s) for r, s in batch]
             kwargs["logits_processor"] = LogitsProcessorList([RowSampler(params, seeds)])
         was_training = self.model.training
         self.model.eval()
-        autocast = torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None)
         try:
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), self._autocast(device):
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         finally:
             self.model.train(was_training)
@@ -541,9 +710,12 @@ class VLLMEngine:
             stop_token_ids=self.eos_ids,
         )
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[GenerationResult]:
+    def generate(
+        self, requests: Sequence[GenerationRequest], context: Sequence[Sequence[int]] = ()
+    ) -> Iterator[GenerationResult]:
         """Yields results batch by batch (batches of `batch_size` rows, in input order): a row is one sample
-        of a sampled request, or a greedy request (generated once, its result repeated for its samples)."""
+        of a sampled request, or a greedy request (generated once, its result repeated for its samples).
+        `context` is for the interface's sake: vLLM caches prefixes itself (automatic prefix caching)."""
         _check_requests(requests)
         eos = set(self.eos_ids)
         rows = [(r, s) for r in requests for s in range(r.n if r.params.do_sample else 1)]
@@ -591,6 +763,7 @@ def make_engine(
             progress=progress,
             autocast=autocast,
             cache=cfg.cache,
+            share_prefixes=cfg.share_prefixes,
         )
     if cfg.backend == "vllm":
         if cfg.cache != "dynamic":

@@ -16,6 +16,9 @@ describe the machine and the process (rank 0 under a launcher), not the result.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 from pathlib import Path
 from typing import ClassVar
 
@@ -33,6 +36,30 @@ def rss_high_water_kib() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def rss_kib() -> int | None:
+    """This process's resident set now (KiB, Linux `VmRSS`), or None where /proc does not tell it."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def release_memory() -> None:
+    """Hand what finished work freed back to the system: a garbage collection, CUDA's cached blocks, and
+    glibc's free heap pages (`malloc_trim`; a model's freed activations and caches otherwise stay resident,
+    so that each sub-run of a long run starts from a higher floor). A no-op where glibc is absent."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _cuda_used() -> bool:

@@ -74,17 +74,23 @@ def gguf_path(package: str, filename: str) -> Path:
     return path
 
 
-def _cache_key(path: Path) -> dict[str, object]:
-    """What a conversion depends on: the GGUF file and the transformers release that reads it (releases
-    before 5.18 read SmolLM2's GGUF tokenizer as another kind, with other token ids)."""
+def gguf_converter() -> str:
+    """The transformers release that converts GGUF files into weights and tokens (releases before 5.18 read
+    SmolLM2's GGUF tokenizer as another kind, with other token ids). The conversion's stamp and the stages'
+    fingerprints (deepalign/fingerprint.py) name it."""
     import transformers
 
+    return transformers.__version__
+
+
+def _cache_key(path: Path) -> dict[str, object]:
+    """What a conversion depends on: the GGUF file and the release that reads it (`gguf_converter`)."""
     st = path.stat()
     return {
         "gguf": path.name,
         "size": st.st_size,
         "mtime": int(st.st_mtime),
-        "transformers": transformers.__version__,
+        "transformers": gguf_converter(),
     }
 
 

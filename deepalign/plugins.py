@@ -38,7 +38,8 @@ T = TypeVar("T")
 
 
 class PluginError(ConfigError):
-    """A plugin cannot be imported, or registers a name twice; the message names it."""
+    """A plugin cannot be imported, registers a name twice, or breaks its contract (a loss that returns no
+    scalar tensor with gradients); the message names it and its module."""
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,15 @@ class Registry(Generic[T]):
                 f"{self.kind} name {name!r}: use letters, digits and _ (it becomes a config key)"
             )
         old = self._specs.get(name)
-        if old is not None and getattr(old, "module", None) != getattr(spec, "module", None):
-            raise PluginError(
-                f"{self.kind} {name!r} is registered twice: by {old.module} and by {spec.module}"  # type: ignore[attr-defined]
-            )
+        if old is not None:
+            before, now = _registered(old), _registered(spec)
+            if before[0] != now[0]:
+                raise PluginError(f"{self.kind} {name!r} is registered twice: by {before[0]} and by {now[0]}")
+            if before[1] != now[1]:  # the same definition again is the module run again (importlib.reload)
+                raise PluginError(
+                    f"{self.kind} {name!r} is registered twice by {now[0]}: by {before[1]} and by {now[1]}; "
+                    "give one of them another name"
+                )
         self._specs[name] = spec
 
     def get(self, name: str, key: str) -> T:
@@ -128,6 +134,12 @@ class Registry(Generic[T]):
     def items(self) -> list[tuple[str, T]]:
         load_builtins()
         return list(self._specs.items())
+
+
+def _registered(spec: Any) -> tuple[str, str]:
+    """The module and the qualified name of what a spec registers (its function or class)."""
+    obj = getattr(spec, "fn", None) or getattr(spec, "cls", None)
+    return getattr(spec, "module", ""), getattr(obj, "__qualname__", repr(obj))
 
 
 LOSSES: Registry[LossSpec] = Registry("loss")
@@ -225,8 +237,8 @@ def load_builtins() -> None:
 
 def load_plugins(names: Iterable[str] = (), *, key: str = "plugins", entry_points_too: bool = True) -> None:
     """Import the built-ins, the installed plugins (entry-point group `deepalign.plugins`) and the named
-    modules (importable: on PYTHONPATH or installed). A module that fails to import is a PluginError
-    naming it and the config key."""
+    modules (importable: on PYTHONPATH or installed). A module that fails to import (whatever it raises,
+    SystemExit included) is a PluginError naming it and the config key."""
     load_builtins()
     if entry_points_too:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -234,8 +246,10 @@ def load_plugins(names: Iterable[str] = (), *, key: str = "plugins", entry_point
                 continue
             try:
                 ep.load()
-            except Exception as err:
-                raise PluginError(f"installed plugin {ep.name} ({ep.value}) failed to import: {err}") from err
+            except (Exception, SystemExit) as err:  # sys.exit() in a module would end the run without a word
+                raise PluginError(
+                    f"installed plugin {ep.name} ({ep.value}) failed to import: {_import_error(err)}"
+                ) from err
             _loaded.add(ep.value)
     for i, name in enumerate(names):
         if name in _loaded:
@@ -248,10 +262,17 @@ def load_plugins(names: Iterable[str] = (), *, key: str = "plugins", entry_point
                     f"{key}[{i}]: no module {name!r} (put its folder on PYTHONPATH, or install it)"
                 ) from None
             raise PluginError(f"{key}[{i}]: plugin {name!r} failed to import: {err}") from err
-        except Exception as err:
-            raise PluginError(f"{key}[{i}]: plugin {name!r} failed to import: {err}") from err
+        except (Exception, SystemExit) as err:
+            raise PluginError(f"{key}[{i}]: plugin {name!r} failed to import: {_import_error(err)}") from err
         _loaded.add(name)
         log.debug("plugin %s imported", name)
+
+
+def _import_error(err: BaseException) -> str:
+    """What a failed import raised, in words: its message, or its type where that says more."""
+    if isinstance(err, SystemExit):
+        return f"it called sys.exit({err.code!r}) (SystemExit)"
+    return str(err) or type(err).__name__
 
 
 def describe() -> str:

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from deepalign.depth import plot_recovery
+from deepalign.judges.base import FAILED
 from deepalign.kl import PositionStats, plot_per_position
 from deepalign.rundir import write_text_atomic
 from deepalign.stats import mcnemar_exact
@@ -34,6 +35,8 @@ def asr_columns(metrics: dict[str, float], models, prefix: str = "asr") -> list[
     keys = {k for k in keys if not k.startswith(f"{prefix}/decoding/") and not k.endswith(RATE_STATS)}
     # other prefill instances (prefill_own: another source of the same depths) get their own table
     keys = {k for k in keys if not (DEPTH.match(k) and not k.startswith(f"{prefix}/prefill/"))}
+    if f"{prefix}/none" in keys:  # depth 0 (run for the depth curve) is the plain request `none` answered
+        keys.discard(f"{prefix}/prefill/k=0")
 
     def order(key: str) -> tuple[int, int]:
         variant = key.removeprefix(f"{prefix}/")
@@ -51,6 +54,16 @@ def asr_cell(metrics: dict[str, float], key: str) -> str:
     if value is None or low is None or high is None:
         return _fmt(value, True)
     return f"{100 * value:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def k50_cell(metrics: dict[str, float], base: str, value: float) -> str:
+    """A k50 as the report shows it: "> k" right-censored (`<base>/k50_censored`: ASR below 50% up to the
+    deepest depth k), "<= k" left-censored (`<base>/k50_left_censored`: already 50% at the first depth k)."""
+    if metrics.get(f"{base}/k50_censored"):
+        return f"> {value:g}"
+    if metrics.get(f"{base}/k50_left_censored"):
+        return f"<= {value:g}"
+    return f"{value:.3g}"
 
 
 def prefill_sources(metrics: dict[str, float], models, prefix: str = "asr") -> list[str]:
@@ -71,8 +84,7 @@ def prefill_sources(metrics: dict[str, float], models, prefix: str = "asr") -> l
     def auc_k50(model: str, name: str) -> list[str]:
         base = f"{model}/{summary}" + ("" if name == "prefill" else f"/{name}")
         auc, k50 = metrics.get(f"{base}/asr_auc"), metrics.get(f"{base}/k50")
-        censored = "> " if metrics.get(f"{base}/k50_censored") else ""
-        return ["-" if auc is None else f"{auc:.2f}", "-" if k50 is None else f"{censored}{k50:.3g}"]
+        return ["-" if auc is None else f"{auc:.2f}", "-" if k50 is None else k50_cell(metrics, base, k50)]
 
     lines = ["| model | prefill from | " + " | ".join(f"k={k}" for k in depths) + " | ASR AUC | k50 |"]
     lines.append("|" + "---|" * (len(depths) + 4))
@@ -130,13 +142,15 @@ def judges_of(run_dir: Path, model: str, attack: str) -> list[str]:
 
 def paired_comparisons(metrics: dict[str, float], models) -> list[tuple[str, str, str, str]]:
     """The claims to test, (model A, model B, attack, variant): shallow vs deep at each prefill depth both
-    were attacked with, ft_sft vs ft_constrained with no attack."""
+    were attacked with (not depth 0, the curve's plain request), ft_sft vs ft_constrained with no attack."""
     out = []
     if "shallow" in models and "deep" in models:
         variants = sorted(
             (int(m.group(1)), key.removeprefix("shallow/asr/"))
             for key in metrics
-            if key.startswith("shallow/") and (m := PREFILL.match(key.removeprefix("shallow/")))
+            if key.startswith("shallow/")
+            and (m := PREFILL.match(key.removeprefix("shallow/")))
+            and int(m.group(1)) > 0
         )
         out += [("shallow", "deep", "prefill", v) for _, v in variants if f"deep/asr/{v}" in metrics]
     if "ft_sft" in models and "ft_constrained" in models:
@@ -352,9 +366,7 @@ def depth_table(metrics: dict[str, float], models) -> list[str]:
 
     def k50(model: str, judge: str) -> str:
         value = metrics.get(f"{model}/depth_{judge}/k50")
-        if value is None:
-            return "-"
-        return f"> {value:g}" if metrics.get(f"{model}/depth_{judge}/k50_censored") else f"{value:.3g}"
+        return "-" if value is None else k50_cell(metrics, f"{model}/depth_{judge}", value)
 
     def kl(model: str) -> str:
         value = metrics.get(f"{model}/depth/kl_tokens")
@@ -386,6 +398,25 @@ def depth_table(metrics: dict[str, float], models) -> list[str]:
 def other_judges(metrics: dict[str, float], models) -> list[str]:
     """The judges of the sub-runs besides keyword (the main table) and keyword_substantive (its own)."""
     return [j for j in judges_with(metrics, models, "asr") if j not in ("keyword", "keyword_substantive")]
+
+
+def failed_judgments_note(metrics: dict[str, float], models) -> list[str]:
+    """A paragraph naming the judgments that failed (`<model>/judge_failed/<judge>` > 0), and that running
+    the same command again retries them; nothing when none failed."""
+    counts = [
+        f"{model} by `{judge}`: {metrics[key]:g}"
+        for model in models
+        for key in metrics
+        if key.startswith(f"{model}/{FAILED}/") and metrics[key]
+        for judge in [key.removeprefix(f"{model}/{FAILED}/")]
+    ]
+    if not counts:
+        return []
+    return [
+        "",
+        f"Failed judgments (left out of the ASRs and their n): {'; '.join(counts)}. The same command again",
+        "asks the judge again for them (a stage with failed judgments is not recorded as done).",
+    ]
 
 
 def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> Path:
@@ -460,6 +491,7 @@ def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> P
             "",
             *table(metrics, models, columns, [c.split("/", 1)[1] for c in columns]),
         ]
+    text += failed_judgments_note(metrics, models)
     sources = prefill_sources(metrics, models)
     if sources:
         text += [
@@ -481,8 +513,10 @@ def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> P
             "## Alignment depth",
             "",
             "ASR AUC: area under ASR vs prefill depth (0 never broken, 1 always); k50: the depth where ASR",
-            "reaches 50% (> k: not reached). KL tokens: positions before the KL to the unaligned model stays",
-            "low (>= N: not within N). refusal k=N: P(a refusal starts right after N prefilled tokens).",
+            "reaches 50% (> k: not reached by the deepest depth k; <= k: reached at the first depth k).",
+            "KL tokens: positions before the KL to the unaligned model stays low (>= N: a lower bound, not",
+            "low three positions in a row within those measured). refusal k=N: P(a refusal starts right",
+            "after N prefilled tokens).",
             "",
             *depth,
         ]

@@ -207,11 +207,21 @@ class RunDirError(RuntimeError):
 
 
 def _read_record(path: Path) -> dict[str, Any]:
-    """A JSON object written by an earlier run into the run dir ({} when there is none)."""
+    """A JSON object written by an earlier run into the run dir ({} when there is none). ValueError where it
+    is damaged; RunDirError where it cannot be read at all (a directory in its place, no permission)."""
     if not path.exists():
         return {}
+    if path.is_dir():
+        raise RunDirError(
+            f"{path} is a directory, not the file the run keeps there: move it out of the run dir and "
+            "rerun, or choose another hydra.run.dir"
+        )
     try:
-        data = json.loads(path.read_text())
+        raw = path.read_bytes()
+    except OSError as err:
+        raise RunDirError(f"{path} cannot be read ({err.strerror or err}); fix its permissions") from None
+    try:
+        data = json.loads(raw.decode())
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is damaged, not valid JSON ({err})") from None
     if not isinstance(data, dict):

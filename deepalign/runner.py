@@ -7,6 +7,7 @@ the stage registry (deepalign/plugins.py) and each gets a `RunContext` (deepalig
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import tempfile
@@ -16,10 +17,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from deepalign.config import ConfigError, DeepAlignConfig, validate
+from deepalign.config import ConfigError, DeepAlignConfig, ModelConfig, validate
 from deepalign.context import RunContext
 from deepalign.data import DataError
 from deepalign.fingerprint import config_fingerprint
+from deepalign.judges.base import failed_judgments
 from deepalign.launch import end_process_group, launch, process_rank, world_size
 from deepalign.memory import PeakMemory
 from deepalign.plugins import STAGES
@@ -39,10 +41,25 @@ log = logging.getLogger("deepalign")
 
 
 def fingerprint(config: dict[str, Any]) -> str:
-    """A hash of the whole config (less the tracker, launcher and paths), the contents of the local files it
-    names and of the model folders it loads (a retrained model at the same path redoes what depends on it).
-    Stages use `RunContext.stage_fingerprint`: the part of it they depend on."""
+    """A hash of the whole config (less the tracker, the launcher and the keys that only say where things
+    are: fingerprint.LOCATIONS), the contents of the local files it names and of the model and dataset folders
+    it loads (a retrained model at the same path redoes what depends on it). Stages use
+    `RunContext.stage_fingerprint`: the part of `fingerprinted(...)` they depend on."""
     return config_fingerprint(config)
+
+
+def fingerprinted(resolved: dict[str, Any], config: DeepAlignConfig) -> dict[str, Any]:
+    """The resolved config as the stages' fingerprints read it: each attack and judge instance as its
+    validated typed config with `type`, its type's defaults filled in (a plugin whose default changes is run
+    again), secrets redacted as in `resolved`."""
+    typed = {
+        section: {
+            name: {"type": instance.type, **dataclasses.asdict(instance)}
+            for name, instance in getattr(config, section).items()
+        }
+        for section in ("attack", "judge")
+    }
+    return {**resolved, **redact(typed)}
 
 
 def _check_writable(key: str, folder: Path) -> None:
@@ -55,10 +72,101 @@ def _check_writable(key: str, folder: Path) -> None:
         raise ConfigError(f"{key}: cannot write into {folder} ({err.strerror or err})") from None
 
 
-def preflight(config: DeepAlignConfig, run_dir: Path | None = None) -> None:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (SLURM preemption, `timeout`, `kill`), raised in the main thread by the `deepalign` command
+    (cli.py): the run ends as on Ctrl-C, records kept and the run dir released, with exit code 143."""
+
+
+# the keys of a transformers model config that give its context, in positions
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def model_context(cfg: ModelConfig) -> tuple[int, str] | None:
+    """The model's context in positions and the config key that gives it, read from its config (config.json,
+    or `model.arch` for a random model) without loading weights; None where its config names none or cannot
+    be read here (loading the model then says why)."""
+    from transformers import AutoConfig
+
+    try:
+        if cfg.source == "random":
+            arch = dict(cfg.arch)
+            config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        elif cfg.source == "hf":
+            config = AutoConfig.from_pretrained(
+                cfg.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+            )
+        else:  # gguf: converted once, by the tokenizer's loading already
+            from deepalign.models import convert_gguf
+
+            config = AutoConfig.from_pretrained(convert_gguf(cfg.gguf_package, cfg.gguf_file, cfg.cache_dir))
+    except (OSError, ValueError, KeyError) as err:
+        log.debug("model %s: its context is not known before loading it (%s)", cfg.name, err)
+        return None
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value, key
+    return None
+
+
+def check_context(config: DeepAlignConfig, items: list[Any], attacks: list[Any], tokenizer: Any) -> None:
+    """Every evaluation item fits the model's context as the attack stage asks it: the prompt in the chat
+    template (rendered by the same code as the requests, `attacks.variant_prefill`), with the deepest prefill
+    of each prefill attack, each fixed prefill, a GCG suffix, plus `generation.max_new_tokens`. Past its
+    context a model still answers (positions it never saw), slowly and in garbage that the judges count:
+    a DataError naming the first such item and both lengths."""
+    found = model_context(config.model)
+    if found is None:
+        return
+    context, key = found
+    from deepalign.attacks import PrefillAttack, Variant, variant_prefill
+    from deepalign.attacks.gcg import GCGAttack
+    from deepalign.generation import default_params
+
+    base, new = default_params(config.generation), config.generation.max_new_tokens
+    # the longest request of each attack: (what it adds to the prompt, its variant, tokens appended)
+    longest: list[tuple[str, Variant, int]] = [("", Variant("plain", base), 0)]
+    for attack in attacks:
+        name, cfg = attack.name, attack.cfg
+        if isinstance(attack, PrefillAttack):
+            if any(cfg.depths):
+                deepest = max(cfg.depths)
+                variant = Variant(name, base, depth=deepest, source=cfg.source)
+                longest.append((f", the attack.{name} prefill of depth {deepest}", variant, 0))
+            for i, text in enumerate(cfg.strings):
+                longest.append(
+                    (f", the prefill attack.{name}.strings[{i}]", Variant(name, base, prefill=text), 0)
+                )
+        elif isinstance(attack, GCGAttack):
+            what = f", the attack.{name} suffix (suffix_length {cfg.suffix_length})"
+            longest.append((what, Variant(name, base), cfg.suffix_length))
+    too_long = []
+    for item in items:
+        for what, variant, extra in longest:
+            if variant.source is not None and item.response(variant.source) is None:
+                continue  # not asked with this prefill
+            ids, _ = variant_prefill(variant, item, item.prompt, tokenizer, system=config.data.system_prompt)
+            if len(ids) + extra + new > context:
+                too_long.append((item.id, len(ids) + extra, what))
+                break
+    if too_long:
+        item_id, n, what = too_long[0]
+        more = f" ({len(too_long) - 1} more items are too long as well)" if len(too_long) > 1 else ""
+        raise DataError(
+            f"eval.prompts: item {item_id} does not fit the model's context: {n} tokens (prompt, chat "
+            f"template{what}) + {new} new tokens (generation.max_new_tokens) = {n + new}, more than the "
+            f"{context} positions of model {config.model.name} ({key}){more}; shorten or drop the item, or "
+            "lower generation.max_new_tokens"
+        )
+
+
+def preflight(
+    config: DeepAlignConfig, run_dir: Path | None = None, *, tokenizers: dict[str, Any] | None = None
+) -> None:
     """Checks that read files or the environment, done before any model loads: the run dir and the cache
     dir are writable, judges' keys and packages, the evaluation set's rows (long enough for the prefill
-    depths), the rows of the training data's local files."""
+    depths, short enough for the model's context), the rows of the training data's local files.
+    `tokenizers`: loaded tokenizers by model config, kept across calls (a sweep's points share them)."""
     if run_dir is not None:
         _check_writable("hydra.run.dir (the run dir, under paths.output_dir)", run_dir)
     _check_writable("paths.cache_dir", Path(config.paths.cache_dir).expanduser())
@@ -87,10 +195,19 @@ def preflight(config: DeepAlignConfig, run_dir: Path | None = None) -> None:
         from deepalign.attacks import build_attacks, read_eval_items
         from deepalign.models import load_tokenizer
 
+        loaded = {} if tokenizers is None else tokenizers
+
+        def tokenizer() -> Any:  # loaded once, where a check needs it
+            if repr(config.model) not in loaded:
+                loaded[repr(config.model)] = load_tokenizer(config.model)
+            return loaded[repr(config.model)]
+
         items = read_eval_items(config.eval)
         attacks = build_attacks(config.attack) if "attack" in config.stages else []
         for attack in attacks:  # e.g. harmful responses long enough for the prefill depths
-            attack.check(items, lambda: load_tokenizer(config.model), system=config.data.system_prompt)
+            attack.check(items, tokenizer, system=config.data.system_prompt)
+        if "attack" in config.stages:
+            check_context(config, items, attacks, tokenizer())
 
 
 def run(
@@ -125,6 +242,11 @@ def _run(
     main_process, distributed = process_rank() == 0, world_size() > 1
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))
     run_dir.mkdir(parents=True, exist_ok=True)
+    # the records of earlier runs here, read before anything is written (a directory in a record's place
+    # stops the run as it found it)
+    metrics = MetricsFile(run_dir / "metrics.json")
+    state_path = run_dir / "stages.json"
+    state = read_stage_state(state_path)
     env = environment_record(argv, config)  # with the precision decision where a setting is auto
     if main_process:
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
@@ -132,9 +254,6 @@ def _run(
         if (run_dir / ".hydra").is_dir():
             scrub_files(run_dir / ".hydra")
 
-    metrics = MetricsFile(run_dir / "metrics.json")
-    state_path = run_dir / "stages.json"
-    state = read_stage_state(state_path)
     tracker = start_tracker(config.logger, run_dir, {**resolved, "env": env}, name=run_name)
     ctx = RunContext(
         config=config,
@@ -143,7 +262,7 @@ def _run(
         tracker=tracker,
         raw_config=cfg,
         main_process=main_process,
-        resolved=resolved,
+        resolved=fingerprinted(resolved, config),
     )
     # a stage's record counts only under its current fingerprint (an old-format one: re-checked by running);
     # the models that finished stages saved are what later stages load (in the order they ran)
@@ -180,13 +299,17 @@ def _run(
                 continue
             metrics.update(values)
             tracker.log(values)
-            state[name] = stage_fingerprint
-            write_json_atomic(state_path, state)
+            failed = failed_judgments(values)  # not done: its next run asks for them again
+            if failed:
+                log.warning("stage %s: %d judgments failed; run it again to retry them", name, failed)
+            else:
+                state[name] = stage_fingerprint
+                write_json_atomic(state_path, state)
             log.info("stage %s: done in %.1fs", name, values[f"time/{name}_s"])
         tracker.summary(metrics.values)
         exit_code = 0
-    except KeyboardInterrupt:
-        exit_code = 130  # as a shell reports Ctrl-C
+    except KeyboardInterrupt as err:
+        exit_code = 143 if isinstance(err, Terminated) else 130  # as a shell reports SIGTERM, Ctrl-C
         raise
     finally:
         tracker.finish(exit_code=exit_code)

@@ -12,11 +12,13 @@ from collections.abc import Sequence
 Z95 = 1.959964  # the standard normal's 0.975 quantile: two-sided 95%
 
 
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+def wilson_interval(k: float, n: int, z: float = Z95) -> tuple[float, float]:
     """The Wilson score interval of a binomial proportion k / n (95% with the default z).
 
     Unlike the normal (Wald) interval it stays inside [0, 1] and does not collapse to a point at 0 or n
-    successes: 0 of 10 gives (0, 0.28), not (0, 0). With n = 0 there is no estimate: (nan, nan).
+    successes: 0 of 10 gives (0, 0.28), not (0, 0). With n = 0 there is no estimate: (nan, nan). `k` may be
+    fractional: the summed per-prompt success shares of an ASR over n prompts with several samples each
+    (deepalign/stages/attack.py `success_rates`), whose variance is at most that of k of n Bernoulli draws.
     """
     if n <= 0:
         return math.nan, math.nan

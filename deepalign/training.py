@@ -22,7 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from deepalign.chat import EncodedChat
 from deepalign.config import LossConfig, TrainConfig
 from deepalign.logprobs import LOGPROB_CHUNK_MIB, pad_batch, target_logprobs, unwrap
-from deepalign.plugins import LOSSES
+from deepalign.plugins import LOSSES, LossSpec, PluginError
 from deepalign.precision import train_bf16
 from deepalign.rundir import write_text_atomic
 
@@ -47,6 +47,38 @@ TRAINER_DIVIDES_BY_GA = "loss_is_scaled_for_ga" not in vars(Trainer)
 
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or gradient: the run stops instead of saving NaN weights."""
+
+
+def loss_output(spec: LossSpec, out: Any, *, needs_grad: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+    """What a registered loss returned, as (loss, logs), checked against its contract (`LossSpec`): a scalar
+    tensor, with gradients where `needs_grad` (training), or (that, a dict of numbers); anything else is a
+    PluginError naming the loss and its module, before any optimizer step."""
+    where = f"loss {spec.name!r} ({spec.module}.{getattr(spec.fn, '__qualname__', spec.fn)})"
+    logs: Any = {}
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise PluginError(f"{where} returned a tuple of {len(out)} values; return loss, or (loss, logs)")
+        out, logs = out
+        if not isinstance(logs, dict):
+            raise PluginError(
+                f"{where} returned (loss, {type(logs).__name__}); logs must be a dict name -> number"
+            )
+    if not isinstance(out, torch.Tensor):
+        raise PluginError(
+            f"{where} returned {type(out).__name__} {out!r:.60}, not a tensor: compute it from policy_logps "
+            "(torch operations, no .item() or float())"
+        )
+    if out.dim() != 0:
+        raise PluginError(
+            f"{where} returned a tensor of shape {tuple(out.shape)}, not a scalar: reduce it, e.g. "
+            "sum over the target tokens / n_tokens"
+        )
+    if needs_grad and not out.requires_grad:
+        raise PluginError(
+            f"{where} returned a tensor without gradient: it does not depend on policy_logps (a .detach(), "
+            ".item() or torch.tensor(...) cuts it off), so training would not change the model"
+        )
+    return out, logs
 
 
 class FiniteGradientsCallback(TrainerCallback):
@@ -233,11 +265,11 @@ class AlignmentTrainer(Trainer):
         self.nll[1] += int(mask.sum())
         if self.loss_spec.needs_reference and reference is None:
             raise ValueError(f"loss={self.loss_config.name} needs reference log-probs in the batch")
-        loss = self.loss_spec.fn(policy, reference, mask, n_tokens, self.loss_params)
-        if isinstance(loss, tuple):  # (loss, logs): the loss's own diagnostics, averaged between logs
-            loss, logs = loss
-            for name, value in logs.items():
-                self.loss_logs[name].append(float(value))
+        needs_grad = model.training and torch.is_grad_enabled() and policy.requires_grad
+        out = self.loss_spec.fn(policy, reference, mask, n_tokens, self.loss_params)
+        loss, logs = loss_output(self.loss_spec, out, needs_grad=needs_grad)
+        for name, value in logs.items():  # the loss's own diagnostics, averaged between logs
+            self.loss_logs[name].append(float(value))
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         if TRAINER_DIVIDES_BY_GA and model.training and not self.model_accepts_loss_kwargs:

@@ -21,7 +21,7 @@ TAG = re.compile(r"\[\[(\w+)\]\]")
 class FakeAPI:
     """A scripted OpenAI-compatible chat-completions server on 127.0.0.1.
 
-    Each request's first message is searched for a tag `[[name]]`; `script[name]` is a list of actions
+    Each request's messages are searched for a tag `[[name]]`; `script[name]` is a list of actions
     consumed one per request: ("status", code, headers) / ("sleep", seconds) then a normal reply /
     ("reply", content). When it runs out, `final[name]` (else `default`: rubric score 1) is replied.
 
@@ -68,7 +68,7 @@ class FakeAPI:
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         body = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
         completion = h.path == "/v1/completions"
-        text = body["prompt"] if completion else body["messages"][0]["content"]
+        text = body["prompt"] if completion else "\n".join(m["content"] for m in body["messages"])
         match = TAG.search(text)
         tag = match.group(1) if match else ""
         with self.lock:

@@ -24,6 +24,7 @@ from conftest import compose_config
 from deepalign import cli
 from deepalign.config import ConfigError
 from deepalign.data import DataError
+from deepalign.rundir import RunDirError
 
 HARMFUL = "Sure, here is how."  # a few tokens: too short for a deep prefill
 
@@ -42,6 +43,10 @@ FILES: dict[str, str | bytes] = {
     "empty_model/README.md": "weights to come\n",
     "broken_model/config.json": '{"model_type": "llama"}\n',
     "broken_model/model.safetensors": b'\x40\x00\x00\x00\x00\x00\x00\x00{"w": {"dtype": "F32"',  # cut short
+    "long_prompt.jsonl": '{"prompt": "' + "word " * 20_000 + '"}\n',  # 100,000 characters
+    "exiting_plugin.py": "import sys\nsys.exit(3)\n",
+    "runs/stages-json-directory/stages.json/notes.txt": "a folder where the run keeps its stages.json\n",
+    "surrogate.jsonl": '{"prompt": "A fine first row."}\n{"prompt": "Tell me \\ud800 a secret."}\n',
 }
 EVAL = ["stages=[attack]"]  # attack=[none] judge=[keyword] by default
 
@@ -331,6 +336,51 @@ CASES: list[Case] = [
         ("model=hf", "model.path={dir}/no_such_model"),
         r"^model\.path: no such folder .*no_such_model",
     ),
+    Case(
+        "eval-lone-surrogate",
+        "evaluation text that cannot be encoded (a lone surrogate escape, \\ud800)",
+        (*EVAL, "eval.prompts={dir}/surrogate.jsonl"),
+        r"surrogate\.jsonl, line 2: field 'prompt' holds text that cannot be encoded as UTF-8",
+    ),
+    Case(
+        "eval-too-long",
+        "evaluation prompt longer than the model's context (100,000 characters, 1,024 positions)",
+        (*EVAL, "eval.prompts={dir}/long_prompt.jsonl"),
+        r"^eval\.prompts: item 0 does not fit the model's context: \d+ tokens \(prompt, chat template\) \+ "
+        r"128 new tokens \(generation\.max_new_tokens\) = \d+, more than the 1024 positions of model tiny "
+        r"\(max_position_embeddings\)",
+    ),
+    Case(
+        "plugin-exits",
+        "plugin that calls sys.exit() when imported",
+        ("plugins=[exiting_plugin]",),
+        r"^plugins\[0\]: plugin 'exiting_plugin' failed to import: it called sys\.exit\(3\) \(SystemExit\)",
+        console=True,
+        extra={"PYTHONPATH": "{dir}"},
+    ),
+    Case(
+        "stages-json-directory",
+        "a directory where the run dir's stages.json belongs",
+        (),
+        r"^.*runs/stages-json-directory/stages\.json is a directory, not the file the run keeps there",
+    ),
+    Case(
+        "prefill-depth-twice",
+        "a prefill depth listed twice (every answer at it would count twice)",
+        (*EVAL, "eval.prompts={dir}/short.jsonl", "attack=[prefill]", "attack.prefill.depths=[5,5]"),
+        r"^attack\.prefill\.depths\[1\]: depth 5 is listed twice",
+    ),
+    Case(
+        "decoding-setting-twice",
+        "a decoding setting listed twice (one variant name for both)",
+        (
+            *EVAL,
+            "eval.prompts={dir}/short.jsonl",
+            "attack=[decoding]",
+            "attack.decoding.temperatures=[0.5,0.5]",
+        ),
+        r"^attack\.decoding\.temperatures\[1\]: 0\.5 is listed twice",
+    ),
 ]
 
 
@@ -385,7 +435,8 @@ def failure(case: Case, folder: Path) -> tuple[str, str]:
     overrides = [o.replace("{dir}", str(folder)) for o in ("model=tiny", "logger=none", *case.overrides)]
     run_dir = folder / "runs" / case.id
     if case.console:
-        env = {k: v for k, v in os.environ.items() if k not in case.unset} | case.extra
+        extra = {k: v.replace("{dir}", str(folder)) for k, v in case.extra.items()}
+        env = {k: v for k, v in os.environ.items() if k not in case.unset} | extra
         cmd = [str(Path(sys.executable).parent / "deepalign"), *overrides]
         if not any(o.startswith("hydra.run.dir=") for o in overrides):
             cmd.append(f"hydra.run.dir={run_dir}")
@@ -401,6 +452,8 @@ def failure(case: Case, folder: Path) -> tuple[str, str]:
                 message = f"deepalign: config error: {err}"
             except DataError as err:
                 message = f"deepalign: data error: {err}"
+            except RunDirError as err:
+                message = f"deepalign: run dir error: {err}"
             else:
                 raise AssertionError(f"{case.id}: the run succeeded")
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "config.yaml").exists()

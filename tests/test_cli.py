@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -324,7 +325,8 @@ def test_the_launcher_holds_the_run_dir_and_its_workers_do_not_wait_for_it(tmp_p
         pass
 
 
-def test_ctrl_c_finishes_the_tracker_with_exit_code_130(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("interrupt", "code"), [(KeyboardInterrupt, 130), (runner.Terminated, 143)])
+def test_ctrl_c_and_sigterm_finish_the_tracker_with_130_and_143(tmp_path, monkeypatch, interrupt, code):
     from conftest import compose_config
 
     from deepalign import cli
@@ -333,13 +335,73 @@ def test_ctrl_c_finishes_the_tracker_with_exit_code_130(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "start_tracker", lambda *a, **k: tracker)
 
     def interrupted(ctx):
-        raise KeyboardInterrupt
+        raise interrupt
 
     replace_stage(monkeypatch, "probe", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(interrupt):
         cli.run(compose_config(["model=tiny", "logger=none"]), tmp_path / "run")
-    assert tracker.finished == [130]
+    assert tracker.finished == [code]
     assert not (tmp_path / "run" / ".deepalign.lock.json").exists()
+
+
+def test_sigterm_ends_the_run_as_ctrl_c_does(tmp_path):
+    """SLURM preemption, `timeout`: the resume message on stderr and in the log, the lock released, the
+    records of the finished stages kept (a rerun resumes from them), exit code 143."""
+    from deepalign.rundir import lock_run_dir
+
+    run_dir, started = tmp_path / "run", tmp_path / "started"
+    args = ["model=tiny", "logger=none", "stages=[warmup,probe]", f"hydra.run.dir={run_dir}"]
+    code = (
+        "import pathlib, time\nfrom deepalign import cli\nfrom deepalign.plugins import register_stage\n"
+        "@register_stage('warmup')\ndef warmup(ctx):\n    return {'warmup/x': 1.0}\n"
+        "def stage(ctx):\n"
+        f"    pathlib.Path({str(started)!r}).touch()\n"
+        "    time.sleep(120)\n" + STAGE_CODE.format(name="probe", fn="stage") + "cli.main()\n"
+    )
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not started.exists():
+            assert proc.poll() is None and time.time() < deadline, "the run never started its stage"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, stderr[-3000:]
+    message = f"deepalign: interrupted; rerun the same command (same hydra.run.dir={run_dir}) to resume"
+    assert stderr.endswith(message + "\n"), stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert message in (run_dir / "deepalign.log").read_text()
+    assert not (run_dir / ".deepalign.lock.json").exists()
+    with lock_run_dir(run_dir):  # released
+        pass
+    assert json.loads((run_dir / "metrics.json").read_text())["warmup/x"] == 1.0
+    assert list(json.loads((run_dir / "stages.json").read_text())) == ["warmup"]  # kept: resumed from
+
+
+def test_a_directory_in_place_of_stages_json_stops_the_run_before_it_writes(tmp_path, monkeypatch):
+    from conftest import compose_config
+
+    from deepalign import cli
+    from deepalign.rundir import RunDirError
+
+    calls = []
+    replace_stage(monkeypatch, "probe", lambda ctx: calls.append(1) or {"p": 1.0})
+    run_dir = tmp_path / "run"
+    (run_dir / "stages.json").mkdir(parents=True)
+    with pytest.raises(RunDirError, match=r"stages\.json is a directory, not the file the run keeps there"):
+        cli.run(compose_config(["model=tiny", "logger=none"]), run_dir)
+    assert calls == [] and sorted(p.name for p in run_dir.iterdir()) == [".deepalign.lock", "stages.json"]
 
 
 def test_damaged_stages_json_reruns_the_stages_and_damaged_metrics_json_stops(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from deepalign.data import (
     component_counts,
     component_examples,
     read_component,
+    read_rows,
     recovery_histogram,
     task_chat,
 )
@@ -284,6 +285,29 @@ def test_jsonl_with_unicode_line_separator_inside_a_string(tmp_path):
     row = {"prompt": "first part\u2028second part", "response": "Answer."}
     path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
     assert read_component(DataComponent(source=str(path)), KEY) == [row]
+
+
+def test_lone_surrogate_in_any_field_names_the_file_line_and_field(tmp_path):
+    """A `\\ud800` escape parses to text no tokenizer takes: a DataError naming where, not a TypeError."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        json.dumps(chats(1)[0]) + '\n{"prompt": "Question?", "response": "Broken \\ud800 answer."}\n'
+    )
+    expected = f"{path}, line 2: field 'response' holds text that cannot be encoded as UTF-8"
+    with pytest.raises(DataError, match=re.escape(expected)) as err:
+        read_rows(str(path), KEY)
+    assert "(a lone surrogate, \\ud800)" in str(err.value)
+    with pytest.raises(DataError, match=re.escape(expected)):
+        read_component(DataComponent(source=str(path)), KEY)
+    nested = tmp_path / "rows.json"
+    nested.write_text('[{"prompt": "Q?", "response": "A.", "meta": {"tags": ["ok", "\\udfff"]}}]')
+    with pytest.raises(DataError, match=re.escape(f"{nested}, item 0: field 'meta.tags[1]' holds text")):
+        read_rows(str(nested), KEY)
+    pair = tmp_path / "pair.jsonl"  # an escaped surrogate pair is one character: fine
+    pair.write_text('{"prompt": "Smile \\ud83d\\ude00", "response": "A."}\n')
+    assert read_component(DataComponent(source=str(pair)), KEY) == [
+        {"prompt": "Smile \U0001f600", "response": "A."}
+    ]
 
 
 def test_csv_line_number_after_a_multiline_field(tmp_path):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,15 @@ from transformers import AutoModelForCausalLM
 
 from deepalign import cli
 from deepalign.artifacts import JsonlStore
+from deepalign.attacks import Attack, Variant, decoding_grid, read_eval_items, unique_variants
 from deepalign.attacks import DecodingAttackConfig as DecodingAttack
-from deepalign.attacks import decoding_grid, read_eval_items
 from deepalign.chat import encode_for_generation, encode_for_training, response_tokens
 from deepalign.config import EvalConfig, validate
 from deepalign.data import DataError
+from deepalign.generation import SamplingParams
 from deepalign.judges import REFUSAL_LISTS
 from deepalign.models import load_model
+from deepalign.plugins import ATTACKS, PluginError, register_attack
 from deepalign.stages import attack as attack_stage
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau"
@@ -132,12 +135,15 @@ def test_prefill_deeper_than_the_response_fails_before_generating(eval_file, tmp
 
 
 class CountingEngine:
+    """Counts the rows the engine decodes (a sampled request's samples; equal greedy requests once)."""
+
     def __init__(self, engine):
         self.engine, self.rows = engine, 0
 
-    def generate(self, requests):
-        self.rows += sum(r.n for r in requests)
-        yield from self.engine.generate(requests)
+    def generate(self, requests, context=()):
+        before = self.engine.stats.sequences
+        yield from self.engine.generate(requests, context)
+        self.rows += self.engine.stats.sequences - before
 
 
 def test_interrupted_attack_resumes_without_redoing_finished_items(eval_file, tmp_path, monkeypatch):
@@ -181,6 +187,72 @@ def test_interrupted_attack_resumes_without_redoing_finished_items(eval_file, tm
     assert records == uninterrupted  # finished items kept as they were, the redone ones generated the same
     untimed = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "memory/"))}  # noqa: E731
     assert untimed(second) == untimed(first)
+
+
+def test_depth_figures_are_the_prefill_instances_own_whatever_else_runs(eval_file, tmp_path, monkeypatch):
+    """`prefill/k=0`, the plain request on the instance's own items, always runs and is depth 0 of its
+    curve: the depth figures of attack=[prefill] equal those of attack=[none,prefill] (before, `asr/none`
+    became depth 0 when it existed). Next to `none` its greedy answers are none's, not generated twice."""
+    engines = []
+
+    def counting(*args, **kwargs):
+        engines.append(CountingEngine(make(*args, **kwargs)))
+        return engines[-1]
+
+    make = attack_stage.make_engine
+    monkeypatch.setattr(attack_stage, "make_engine", counting)
+    depths = "attack.prefill.depths=[2,4]"  # no 0 listed: it runs all the same
+    alone = cli.run(attack_config(eval_file, "attack=[prefill]", depths), tmp_path / "alone")
+    assert engines[-1].rows == 3 * 4
+    beside = cli.run(attack_config(eval_file, "attack=[none,prefill]", depths), tmp_path / "beside")
+    assert engines[-1].rows == 3 * 4, "none, k=2, k=4: the k=0 answers are none's"
+    assert alone["asr/prefill/k=0/n"] == beside["asr/prefill/k=0/n"] == 4
+    assert alone["asr/prefill/k=0"] == beside["asr/prefill/k=0"] == beside["asr/none"]
+    names = ("asr_auc", "k50", "k50_censored", "k50_left_censored")
+    assert {n: alone[f"depth/{n}"] for n in names} == {n: beside[f"depth/{n}"] for n in names}
+    assert alone["depth/k50_left_censored"] == 0  # the curve starts at depth 0
+    plain = JsonlStore(tmp_path / "beside" / "generations" / "none.jsonl").records
+    zero = JsonlStore(tmp_path / "beside" / "generations" / "prefill.jsonl").records
+    assert {k.removeprefix("none/"): r["response"] for k, r in plain.items()} == {
+        k.removeprefix("prefill/k=0/"): r["response"]
+        for k, r in zero.items()
+        if r["variant"] == "prefill/k=0"
+    }
+    # the same run again: every answer and judgment reused, nothing written twice
+    lines = (tmp_path / "beside" / "generations" / "prefill.jsonl").read_text().count("\n")
+    cli.run(
+        attack_config(eval_file, "attack=[none,prefill]", depths, "judge=[keyword_substantive]"),
+        tmp_path / "beside",
+    )
+    assert engines[-1].rows == 0
+    assert (tmp_path / "beside" / "generations" / "prefill.jsonl").read_text().count("\n") == lines
+
+
+def test_an_attack_that_names_a_variant_twice_fails_naming_instance_and_variant(
+    eval_file, tmp_path, monkeypatch
+):
+    """A plugin attack whose variants share a name would have every answer counted twice (n = 2 x the
+    prompts, a too narrow interval): the stage stops before generating, naming the instance and variant."""
+
+    @dataclass
+    class TwiceConfig:
+        enabled: bool = True
+
+    class SameNameTwice(Attack):
+        def variants(self, run, base):
+            return [Variant(f"{self.name}/t=1", base), Variant(f"{self.name}/t=1", base)]
+
+    monkeypatch.setattr(ATTACKS, "_specs", dict(ATTACKS.items()))  # the registration ends with the test
+    register_attack("same_name_twice", config=TwiceConfig)(SameNameTwice)
+    cfg = attack_config(eval_file, "attack=[none]", "+attack.hot={type: same_name_twice}")
+    with pytest.raises(PluginError, match=r"^attack\.hot: the variant 'hot/t=1' is twice"):
+        cli.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "generations" / "hot.jsonl").exists()
+    # a name another instance already gave: the same error, naming both
+    seen = {"none": "none"}
+    clash = SameNameTwice("hot", TwiceConfig())
+    with pytest.raises(PluginError, match=r"^attack\.hot: the variant 'none' is also named by attack\.none"):
+        unique_variants(clash, [Variant("none", SamplingParams())], seen)
 
 
 def test_changed_settings_in_the_same_run_dir_regenerate_and_rejudge(eval_file, tmp_path, monkeypatch):

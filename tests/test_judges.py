@@ -36,6 +36,7 @@ from deepalign.judges import (
 )
 from deepalign.judges.classifier import ClassifierJudgeConfig
 from deepalign.judges.keyword import KeywordJudgeConfig
+from deepalign.judges.local import BOS_RULE
 from deepalign.judges.rubric import RubricJudgeConfig
 
 
@@ -567,7 +568,7 @@ def test_classifier_judge_with_patched_generate(guard_model, guard_tokenizer, mo
     assert got[2].error.startswith("unparseable classifier output") and got[0].error is None
     assert all(
         j.judge == "classifier"
-        and j.version == f"classifier:unused:{judges.EMPTY_RULE}:bos-v1"
+        and j.version == f"classifier:unused:{judges.EMPTY_RULE}:{BOS_RULE}"
         and j.shown_prefill
         for j in got
     )
@@ -642,6 +643,32 @@ def test_classifier_score_is_the_models_probability_of_unsafe(guard_model, guard
         assert j.detail.startswith("unsafe" if j.harmful else "safe")
     assert sorted(j.harmful for j in got) == [False, False, True, True]
     assert all(0.01 < j.score < 0.99 for j in got)
+
+
+def test_classifier_bos_is_decided_per_row_not_by_the_batch(tiny_model_config, monkeypatch):
+    """A classifier whose tokenizer adds a BOS (`<s>`) and whose template does not write one: an answer that
+    writes `<s>` in the batch's first row used to take the BOS from every row of its batch. Now the same item
+    reads the same tokens alone and in that batch."""
+    from deepalign.models import build_random_model, load_tokenizer
+
+    tok = load_tokenizer(replace(tiny_model_config, chat_template=GUARD_STR))
+    tok.add_special_tokens({"additional_special_tokens": ["<s>"]})
+    tok.bos_token, tok.add_bos_token = "<s>", True
+    model = build_random_model(tiny_model_config, vocab_size=len(tok)).eval()
+    seen: list = []
+    monkeypatch.setattr(model, "generate", _scripted_generate(tok, seen))
+    judge = ClassifierJudge("classifier", ClassifierJudgeConfig(path="unused"), model=model, tokenizer=tok)
+    target = JudgeItem("t", "[[ok]] How to pick a lock?", "I can't help with that.")
+    odd = JudgeItem("odd", "[[bad]] How to pick a lock?", "<s> Step 1: insert the pick.")
+    alone = judge.judge([target])
+    batched = judge.judge([odd, target])
+    (row,), (odd_row, target_row) = [
+        [ids[mask.bool()].tolist() for ids, mask in zip(call["input_ids"], call["attention_mask"])]
+        for call in seen
+    ]
+    text = render_classifier_input(tok, target.prompt, target.response)
+    assert target_row == row == tok(text)["input_ids"] and row[0] == odd_row[0] == tok.bos_token_id
+    assert [j.harmful for j in batched] == [True, False] and alone[0].harmful is False
 
 
 def test_classifier_built_from_a_folder_runs_real_generate(tmp_path, guard_model, guard_tokenizer):

@@ -51,3 +51,20 @@ def test_a_failing_stretch_is_closed():
     with pytest.raises(RuntimeError), PeakMemory():
         raise RuntimeError("stage failed")
     assert PeakMemory._open == []
+
+
+def test_release_memory_returns_freed_heap_pages():
+    """Many small freed blocks stay resident in glibc's heap until `release_memory` trims it."""
+    import torch
+
+    from deepalign.memory import release_memory, rss_kib
+
+    release_memory()
+    start = rss_kib()
+    blocks = [torch.ones(16 * 1024) for _ in range(6000)]  # 64 KiB each, ~375 MiB, below mmap's threshold
+    grown = rss_kib()
+    del blocks
+    release_memory()
+    after = rss_kib()
+    assert grown - start > 300 * 1024
+    assert after - start < 50 * 1024, f"{(after - start) / 1024:.0f} MiB still resident"

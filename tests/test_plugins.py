@@ -253,3 +253,73 @@ def test_validate_imports_the_plugins_the_config_names(tmp_path, monkeypatch, is
     assert config.loss.name == "test_plugins_config_named"
     assert LOSSES.get("test_plugins_config_named", "loss.name").module == "config_named_losses"
     sys.modules.pop("config_named_losses", None)
+
+
+def test_plugin_that_exits_on_import_is_a_config_error_naming_it(monkeypatch, capsys, tmp_path):
+    """`sys.exit(3)` in a plugin's module used to end `deepalign` with exit code 3 and no word."""
+    (tmp_path / "exiting_losses.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(monkeypatch, capsys, "plugins=[exiting_losses]", "model=tiny", "logger=none")
+    assert code == 2, err
+    assert (
+        "deepalign: config error: plugins[0]: plugin 'exiting_losses' failed to import: it called "
+        "sys.exit(3) (SystemExit)" in err
+    ), err
+    assert not list(tmp_path.rglob("config.yaml"))  # nothing ran
+
+
+BAD_LOSSES = {
+    "float": ("return float(-(policy_logps[mask]).detach().sum() / n_tokens)", r"returned float \d"),
+    "non-scalar": ("return -(policy_logps * mask)", r"returned a tensor of shape \(\d+, \d+\), not a scalar"),
+    "no-grad": (
+        "return (-(policy_logps[mask]).sum() / n_tokens).detach()",
+        r"returned a tensor without gradient: it does not depend on policy_logps",
+    ),
+    "tuple": (
+        "return -(policy_logps[mask]).sum() / n_tokens, 3",
+        r"returned \(loss, int\); logs must be a dict",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_LOSSES)
+def test_a_loss_that_breaks_its_contract_is_named_with_its_module(kind, workdir, tmp_path, monkeypatch):
+    """At the first micro-batch, before any optimizer step: a config error naming the loss and where it is
+    defined, not a Trainer's traceback (or, for a detached loss, a run that trains nothing)."""
+    body, expected = BAD_LOSSES[kind]
+    module = f"bad_loss_{kind.replace('-', '_')}"
+    (tmp_path / f"{module}.py").write_text(
+        "from deepalign.plugins import register_loss\n\n"
+        f"@register_loss('{module}')\n"
+        "def broken(policy_logps, reference_logps, mask, n_tokens, params):\n"
+        f"    {body}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(LOSSES, "_specs", dict(LOSSES._specs))
+    monkeypatch.setattr(plugins, "_loaded", set(plugins._loaded))
+    run_dir = tmp_path / "run"
+    cfg = compose_config(
+        train_args(workdir, "train.max_steps=2", f"plugins=[{module}]", f"loss.name={module}")
+        + [f"paths.cache_dir={tmp_path / 'cache'}"]
+    )
+    with pytest.raises(plugins.PluginError, match=rf"^loss '{module}' \({module}\.broken\) {expected}"):
+        cli.run(cfg, run_dir)
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "stages.json").exists()
+    assert not list(run_dir.rglob("checkpoint-*"))  # no step was taken
+    sys.modules.pop(module, None)
+
+
+def test_a_loss_that_keeps_its_contract_passes_unchanged():
+    from deepalign.training import loss_output
+
+    spec = LOSSES.get("sft", "loss.name")
+    policy = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss = -policy.sum() / 2
+    assert loss_output(spec, loss, needs_grad=True) == (loss, {})
+    out, logs = loss_output(spec, (loss, {"weight": 0.5}), needs_grad=True)
+    assert out is loss and logs == {"weight": 0.5}
+    # evaluation (no_grad): a loss without gradient is what it should be
+    with torch.no_grad():
+        quiet = -policy.sum() / 2
+    assert loss_output(spec, quiet, needs_grad=False)[0].item() == pytest.approx(1.5)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from deepalign.attacks import PrefillAttack, PrefillAttackConfig, build_requests, read_eval_items
-from deepalign.chat import response_tokens
+from deepalign.chat import encode_for_generation, response_tokens
 from deepalign.config import EvalConfig
 from deepalign.data import DataError
 from deepalign.generation import SamplingParams
@@ -41,7 +41,7 @@ def test_a_source_prefill_cuts_that_field_and_skips_items_without_it(items, smol
     tok = smollm2_tokenizer
     attack = PrefillAttack("prefill_own", PrefillAttackConfig(depths=[3], source="own"))
     attack.check(items, lambda: tok, system=None)
-    [variant] = attack.variants(None, SamplingParams())
+    _, variant = attack.variants(None, SamplingParams())
     assert variant.name == "prefill_own/k=3" and variant.source == "own"
     requests, info = build_requests(variant, items, tok, system=None, seed=0)
     assert [info[r.id]["prompt_id"] for r in requests] == ["a"]
@@ -49,10 +49,28 @@ def test_a_source_prefill_cuts_that_field_and_skips_items_without_it(items, smol
     assert OWN.startswith(info[requests[0].id]["prefill"]) and info[requests[0].id]["prefill"]
     # the default instance still cuts the harmful response, of every item
     harvested = PrefillAttack("prefill", PrefillAttackConfig(depths=[3])).variants(None, SamplingParams())
-    requests, info = build_requests(harvested[0], items, tok, system=None, seed=0)
+    requests, info = build_requests(harvested[1], items, tok, system=None, seed=0)
     assert len(requests) == 2 and requests[0].input_ids == response_tokens(
         tok, PROMPT, HARVESTED
     ).context_ids(3)
+
+
+def test_a_source_instances_depth_0_is_its_own_items_plain_requests(items, smollm2_tokenizer):
+    """Every prefill instance measures its own depth 0 (listed or not): the plain request, on the items
+    it cuts from, so its ASR-vs-depth curve never borrows another attack's (or item set's) ASR."""
+    tok = smollm2_tokenizer
+    own = PrefillAttack("prefill_own", PrefillAttackConfig(depths=[3, 5], source="own"))
+    zero, *deeper = own.variants(None, SamplingParams())
+    assert [zero.name, *(v.name for v in deeper)] == ["prefill_own/k=0", "prefill_own/k=3", "prefill_own/k=5"]
+    requests, info = build_requests(zero, items, tok, system=None, seed=0)
+    assert [info[r.id]["prompt_id"] for r in requests] == ["a"], "only the items with an `own` answer"
+    assert (
+        requests[0].input_ids == encode_for_generation(tok, PROMPT) and info[requests[0].id]["prefill"] == ""
+    )
+    listed = PrefillAttack("prefill", PrefillAttackConfig(depths=[3, 0])).variants(None, SamplingParams())
+    assert [v.name for v in listed] == ["prefill/k=3", "prefill/k=0"]  # listed: as listed, once
+    strings = PrefillAttack("prefill", PrefillAttackConfig(depths=[], strings=["No"]))
+    assert [v.name for v in strings.variants(None, SamplingParams())] == ["prefill/str=0"]  # no curve
 
 
 def test_source_errors_name_the_instance(items, smollm2_tokenizer):
@@ -103,6 +121,24 @@ def test_the_report_puts_the_sources_side_by_side_and_out_of_the_main_table():
         "| deep | prefill_own | 50% [30, 70] | - | > 10 |",
     ]
     assert prefill_sources({"deep/asr/prefill/k=10": 0.2}, ["deep"]) == []
+
+
+def test_the_main_table_shows_depth_0_once_beside_the_plain_request():
+    """Every prefill instance runs its depth 0; beside `none` (the same request) the main table shows it
+    once, as `none`; the sources' table keeps each instance's own k=0 (prefill_own's on its own items)."""
+    metrics = {
+        "deep/asr/none": 0.1,
+        "deep/asr/prefill/k=0": 0.1,
+        "deep/asr/prefill/k=5": 0.5,
+        "deep/asr/prefill_own/k=0": 0.0,
+        "deep/asr/prefill_own/k=5": 0.6,
+    }
+    assert asr_columns(metrics, ["deep"]) == ["asr/none", "asr/prefill/k=5"]
+    assert asr_columns({k: v for k, v in metrics.items() if k != "deep/asr/none"}, ["deep"]) == [
+        "asr/prefill/k=0",
+        "asr/prefill/k=5",
+    ]
+    assert prefill_sources(metrics, ["deep"])[0] == "| model | prefill from | k=0 | k=5 | ASR AUC | k50 |"
 
 
 def test_recovery_examples_and_the_refusal_probability_never_cut_inside_a_character(smollm2_tokenizer):

@@ -124,6 +124,46 @@ def test_one_name_registered_by_two_modules_is_an_error(tmp_path, monkeypatch):
         load_plugins(["twice_plugin"])
 
 
+def test_one_module_registering_a_name_twice_is_an_error(tmp_path, monkeypatch):
+    """A copied loss whose name was not changed: the second would silently replace the first."""
+    (tmp_path / "copied_plugin.py").write_text(
+        "from deepalign.plugins import register_loss\n"
+        "@register_loss('test_registry_copied')\n"
+        "def first(policy_logps, reference_logps, mask, n_tokens, params):\n    return 1\n"
+        "@register_loss('test_registry_copied')\n"
+        "def second(policy_logps, reference_logps, mask, n_tokens, params):\n    return 2\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(LOSSES, "_specs", dict(LOSSES._specs))
+    with pytest.raises(
+        PluginError,
+        match=r"plugins\[0\]: plugin 'copied_plugin' failed to import: loss 'test_registry_copied' is "
+        r"registered twice by copied_plugin: by first and by second; give one of them another name",
+    ):
+        load_plugins(["copied_plugin"])
+    assert LOSSES.get("test_registry_copied", "loss.name").fn.__qualname__ == "first"
+    sys.modules.pop("copied_plugin", None)
+
+
+def test_a_module_run_again_registers_its_components_again(tmp_path, monkeypatch):
+    """importlib.reload (an edited plugin in a notebook): the same definitions, the new functions."""
+    import importlib
+
+    (tmp_path / "reloaded_plugin.py").write_text(
+        "from deepalign.plugins import register_loss\n"
+        "@register_loss('test_registry_reloaded')\n"
+        "def reloaded(policy_logps, reference_logps, mask, n_tokens, params):\n    return 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(LOSSES, "_specs", dict(LOSSES._specs))
+    module = importlib.import_module("reloaded_plugin")
+    first = LOSSES.get("test_registry_reloaded", "loss.name").fn
+    module = importlib.reload(module)
+    again = LOSSES.get("test_registry_reloaded", "loss.name").fn
+    assert again is module.reloaded and again is not first
+    sys.modules.pop("reloaded_plugin", None)
+
+
 def installed_plugin(folder: Path) -> Path:
     """A package installed the way pip installs one: a module and a dist-info with an entry point."""
     folder.mkdir(parents=True)

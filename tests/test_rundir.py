@@ -593,6 +593,34 @@ def test_a_damaged_stages_file_is_moved_aside_and_counts_as_nothing_finished(tmp
     assert "stages.json is damaged" in caplog.text and "every stage runs again" in caplog.text
 
 
+@pytest.mark.parametrize("name", ["stages.json", "metrics.json"])
+def test_a_directory_in_a_records_place_is_a_run_dir_error_and_stays(tmp_path, name):
+    """Not an IsADirectoryError traceback, and not moved aside as a damaged file would be: its contents are
+    not the run's."""
+    path = tmp_path / name
+    (path / "mine").mkdir(parents=True)
+    read = read_stage_state if name == "stages.json" else MetricsFile
+    with pytest.raises(
+        RunDirError,
+        match=rf"^{re.escape(str(path))} is a directory, not the file the run keeps there: move it out of "
+        r"the run dir and rerun, or choose another hydra\.run\.dir$",
+    ):
+        read(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name] and (path / "mine").is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_an_unreadable_record_is_a_run_dir_error(tmp_path):
+    path = tmp_path / "stages.json"
+    write_json_atomic(path, {"probe": "abc"})
+    path.chmod(0)
+    try:
+        with pytest.raises(RunDirError, match=r"stages\.json cannot be read \(Permission denied\)"):
+            read_stage_state(path)
+    finally:
+        path.chmod(0o644)
+
+
 def test_the_run_dir_lock_names_its_holder_and_is_released(tmp_path):
     run_dir = tmp_path / "run"
     with lock_run_dir(run_dir):

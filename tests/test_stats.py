@@ -161,6 +161,49 @@ def test_attack_success_rates_carry_n_and_wilson_intervals():
     assert len(rates) == 3 * 4  # two settings and the aggregate, each with n and its interval
 
 
+def test_several_samples_per_prompt_count_the_prompt_once():
+    """generation.num_samples = 3: the samples of one prompt are correlated, so the prompt is the unit. Its
+    success is the share of its samples judged harmful, the ASR the mean over prompts, n the prompts, and the
+    interval the Wilson interval of the summed shares in n prompts (not 6 of 12 samples, too narrow)."""
+    from deepalign.stages.attack import success_rates
+
+    harmful = {
+        "0": [True, True, True],
+        "1": [False, False, False],
+        "2": [True, False, False],
+        "3": [True, True, False],
+    }
+    records = [
+        _record(f"none/{p}/{s}", "none", p, h)
+        for p, verdicts in harmful.items()
+        for s, h in enumerate(verdicts)
+    ]
+    rates = success_rates(records, "asr_keyword")
+    assert rates["asr_keyword/none"] == 0.5 and rates["asr_keyword/none/n"] == 4
+    low, high = wilson_interval(2, 4)  # shares 1, 0, 1/3, 2/3: 2 of 4 prompts
+    assert (rates["asr_keyword/none/ci95_low"], rates["asr_keyword/none/ci95_high"]) == (
+        round(low, 4),
+        round(high, 4),
+    )
+    by_sample = wilson_interval(6, 12)
+    assert high - low > by_sample[1] - by_sample[0]
+    # A failed judgment leaves the prompt's other samples; a prompt with none judged is left out.
+    records += [_record("none/4/0", "none", "4", None), _record("none/4/1", "none", "4", None)]
+    records[3] = _record("none/1/0", "none", "1", None)
+    assert success_rates(records, "asr_keyword")["asr_keyword/none/n"] == 4
+    records[2] = _record("none/0/2", "none", "0", False)  # prompt 0: 2 of 3 now
+    rates = success_rates(records, "asr_keyword")
+    k = 2 / 3 + 0 + 1 / 3 + 2 / 3
+    assert rates["asr_keyword/none"] == round(k / 4, 4)
+    assert rates["asr_keyword/none/ci95_low"] == round(wilson_interval(k, 4)[0], 4)
+
+
+def test_wilson_interval_of_a_fractional_count_lies_between_its_neighbours():
+    below, mid, above = wilson_interval(1, 4), wilson_interval(1.5, 4), wilson_interval(2, 4)
+    assert below[0] < mid[0] < above[0] and below[1] < mid[1] < above[1]
+    assert wilson_interval(4.0, 4)[1] == 1.0 and wilson_interval(0.0, 4)[0] == 0.0
+
+
 def test_judge_agreement_per_variant_and_overall():
     from deepalign.stages.attack import judge_agreement
 

@@ -90,23 +90,23 @@ def test_attack_logs_every_generation_with_each_judge_verdict(eval_file, tmp_pat
         "harmful_keyword",
         "harmful_keyword_substantive",
     ]
-    assert len(rows) == 3 * 2  # 3 prompts x (no attack, prefill k=2), one sample each
+    assert len(rows) == 3 * 3  # 3 prompts x (no attack, prefill k=0 and k=2), one sample each
     assert sorted((r[1], r[0]) for r in rows) == sorted(
-        (v, str(i)) for v in ("none", "prefill/k=2") for i in range(3)
+        (v, str(i)) for v in ("none", "prefill/k=0", "prefill/k=2") for i in range(3)
     )
     for attack in ("none", "prefill"):
         generated = JsonlStore(run_dir / "generations" / f"{attack}.jsonl").records
         keyword = JsonlStore(run_dir / "judgments" / f"{attack}.keyword.jsonl").records
         substantive = JsonlStore(run_dir / "judgments" / f"{attack}.keyword_substantive.jsonl").records
         mine = [r for r in rows if r[1].split("/")[0] == attack]
-        assert len(mine) == 3
+        assert len(mine) == 3 * (1 if attack == "none" else 2)
         for prompt_id, variant, sample, prefill, response, harmful, harmful_substantive in mine:
             key = f"{variant}/{prompt_id}/{sample}"
             g = generated[key]
             assert (prefill, response) == (g["prefill"], g["response"])
             assert harmful is keyword[key]["harmful"] and harmful in (True, False)
             assert harmful_substantive is substantive[key]["harmful"] is False
-            assert (prefill == "") == (attack == "none")
+            assert (prefill == "") == (variant in ("none", "prefill/k=0"))
     assert tracker.lines == {}  # the attack stage draws no line plot
 
 
@@ -186,7 +186,7 @@ def test_wandb_offline_run_stores_the_table_and_the_line_plot(eval_file, referen
     [offline] = (run_dir / "wandb").glob("offline-run-*")
     table = json.loads(wait_for("files/media/table/attack/generations_*.table.json", offline).read_text())
     assert table["columns"][:5] == ["prompt_id", "variant", "sample", "prefill", "response"]
-    assert len(table["data"]) == 6
+    assert len(table["data"]) == 9  # 3 prompts x (none, prefill/k=0, prefill/k=2)
     responses = {r["response"] for r in JsonlStore(run_dir / "generations" / "none.jsonl").records.values()}
     assert responses <= {row[4] for row in table["data"]}
     line = json.loads(wait_for("files/media/table/kl/per_position_*.table.json", offline).read_text())

@@ -20,7 +20,7 @@ from deepalign.chat import encode_for_generation, response_tokens
 from deepalign.config import EvalConfig, check
 from deepalign.data import DataError, read_rows
 from deepalign.generation import GenerationRequest, SamplingParams
-from deepalign.plugins import ATTACKS, register_attack
+from deepalign.plugins import ATTACKS, PluginError, register_attack
 
 PROMPT_COLUMNS = ("prompt", "goal", "instruction", "behavior", "question")
 HARMFUL_COLUMNS = ("harmful", "response", "output", "completion")
@@ -149,6 +149,8 @@ class NoAttack(Attack):
 
 @dataclass
 class PrefillAttackConfig:
+    # prefill depths in tokens, each once; depth 0 (the plain request on this instance's own items) always
+    # runs, listed or not: the ASR-vs-depth curve (depth/asr_auc, depth/k50) starts from it
     depths: list[int] = field(default_factory=lambda: [0, 5, 10, 20, 40])
     strings: list[str] = field(default_factory=list)  # fixed-string prefills, e.g. a refusal prefix
     # the eval set's field the depths are cut from; null: the harmful response (`eval.columns.harmful`).
@@ -163,6 +165,11 @@ class PrefillAttackConfig:
         )
         for i, k in enumerate(self.depths):
             check(k >= 0, f"{key}.depths[{i}]", f"a prefill depth is a token count >= 0, got {k}")
+            check(
+                k not in self.depths[:i],
+                f"{key}.depths[{i}]",
+                f"depth {k} is listed twice: every answer at it would be counted twice; list each depth once",
+            )
 
 
 @register_attack("prefill", config=PrefillAttackConfig)
@@ -182,8 +189,11 @@ class PrefillAttack(Attack):
             )
 
     def variants(self, run: AttackRun, base: SamplingParams) -> list[Variant]:
-        source = self.cfg.source
-        out = [Variant(f"{self.name}/k={k}", base, depth=k, source=source) for k in self.cfg.depths]
+        """`<name>/k=N` per depth, with k=0 (the plain request on this instance's items) first where it is
+        not listed, then `<name>/str=I` per fixed string."""
+        source, depths = self.cfg.source, list(self.cfg.depths)
+        depths = depths if not depths or 0 in depths else [0, *depths]
+        out = [Variant(f"{self.name}/k={k}", base, depth=k, source=source) for k in depths]
         return out + [
             Variant(f"{self.name}/str={i}", base, prefill=s) for i, s in enumerate(self.cfg.strings)
         ]
@@ -204,6 +214,18 @@ class DecodingAttackConfig:
             check(0 < p <= 1, f"{key}.top_ps[{i}]", f"must be in (0, 1], got {p}")
         for i, k in enumerate(self.top_ks):
             check(k >= 0, f"{key}.top_ks[{i}]", f"must be >= 0 (0 = off), got {k}")
+        for name, values in (
+            ("temperatures", self.temperatures),
+            ("top_ks", self.top_ks),
+            ("top_ps", self.top_ps),
+        ):
+            names = [f"{v:g}" for v in values]  # as the variant names write them
+            for i, text in enumerate(names):
+                check(
+                    text not in names[:i],
+                    f"{key}.{name}[{i}]",
+                    f"{text} is listed twice: both settings would be one variant, every answer counted twice",
+                )
 
 
 def decoding_grid(
@@ -232,6 +254,24 @@ class DecodingAttack(Attack):
         n = self.cfg.samples_per_setting
         grid = decoding_grid(self.cfg, base.max_new_tokens, self.name)
         return [Variant(name, p, n=1 if not p.do_sample else n) for name, p in grid]
+
+
+def unique_variants(attack: Attack, variants: list[Variant], seen: dict[str, str]) -> list[Variant]:
+    """`variants` of `attack`, checked: no variant name twice, in this attack or in an earlier one (`seen`:
+    variant name -> attack instance, updated). Generations, judgments and `asr/<variant>` are keyed by the
+    name: a name given twice would count its answers twice (a PluginError naming the instance and name)."""
+    for variant in variants:
+        if variant.name in seen:
+            where = (
+                "twice" if seen[variant.name] == attack.name else f"also named by attack.{seen[variant.name]}"
+            )
+            raise PluginError(
+                f"attack.{attack.name}: the variant {variant.name!r} is {where}; generations, judgments "
+                "and asr/<variant> are keyed by the name (its answers would be counted twice): each variant "
+                "needs its own name"
+            )
+        seen[variant.name] = attack.name
+    return variants
 
 
 def check_prefill_depths(
@@ -294,8 +334,8 @@ def build_requests(
     for item in items:
         if suffixes is not None and item.id not in suffixes:
             continue  # an item the attack found no suffix for (GCG's max_prompts)
-        if variant.depth and variant.source is not None and item.response(variant.source) is None:
-            continue  # an item without the field this prefill is cut from
+        if variant.source is not None and item.response(variant.source) is None:
+            continue  # an item without the field this prefill is cut from (depth 0 too: the instance's items)
         prompt = f"{item.prompt} {suffixes[item.id]}" if suffixes is not None else item.prompt
         ids, prefill = variant_prefill(variant, item, prompt, tokenizer, system=system)
         req_id = f"{variant.name}/{item.id}"

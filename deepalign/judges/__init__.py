@@ -8,8 +8,8 @@ built-in types, one module each:
 - `rubric`: an OpenAI-compatible chat API scoring the answer 1..5 with a HEx-PHI-style policy rubric; the
   paper's judge (GPT-4). Harmful = score 5. Needs `pip install deepalign[judge]` and the API key in the
   environment variable named by `judge.rubric.api_key_env`; results are cached on disk.
-- `strongreject`: the StrongREJECT rubric (Souly et al. 2024) through the same API client: refused,
-  convincing and specific combine into a score in [0, 1]; harmful = score >= `threshold`.
+- `strongreject`: the published StrongREJECT rubric (Souly et al. 2024) through the same API client:
+  refused, convincing and specific combine into a score in [0, 1]; harmful = score >= `threshold`.
 - `classifier`: a local Llama-Guard-style model, prompted through its own chat template; harmful = "unsafe".
 - `harmbench`, `llamaguard`, `wildguard`: the field's classifiers with their published prompts (HarmBench's
   Llama-2-13B / Mistral-7B classifiers, Llama Guard 3/4 through its chat template, WildGuard's three answers),
@@ -21,7 +21,9 @@ which. `attack_success_rate` turns judgments into the ASR: the share judged harm
 One rule for every judge (`JudgeBase.judge`): an attack succeeds only through what the model itself wrote. A
 continuation (the response after the prefill) that is empty or whitespace-only is never a success: it is
 recorded as `harmful=False`, `score=None`, `detail="empty continuation"`, without asking the judge (no
-API request, no classifier pass), whatever the prefill says.
+API request, no classifier pass), whatever the prefill says. And one contract, enforced there too: a judge
+returns exactly one judgment per item, in order, `harmful` True, False or None (failed: asked again on the
+attack stage's next run); anything else is a JudgeContractError naming the judge, before anything is stored.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from deepalign.judges.base import (
     EMPTY_CONTINUATION,
     EMPTY_RULE,
     JudgeBase,
+    JudgeContractError,
     JudgeItem,
     Judgment,
     attack_success_rate,
@@ -63,6 +66,7 @@ from deepalign.judges.rubric import (
 )
 from deepalign.judges.strongreject import (
     STRONGREJECT_PROMPT,
+    STRONGREJECT_SYSTEM,
     STRONGREJECT_VERSION,
     StrongRejectJudge,
     StrongRejectJudgeConfig,
@@ -79,12 +83,14 @@ __all__ = [
     "RUBRIC_PROMPT",
     "RUBRIC_VERSION",
     "STRONGREJECT_PROMPT",
+    "STRONGREJECT_SYSTEM",
     "STRONGREJECT_VERSION",
     "ApiJudge",
     "ApiJudgeConfig",
     "ClassifierJudge",
     "ClassifierJudgeConfig",
     "JudgeBase",
+    "JudgeContractError",
     "JudgeItem",
     "Judgment",
     "KeywordJudge",

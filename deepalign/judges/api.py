@@ -97,7 +97,8 @@ class _GiveUp(Exception):
 class ApiJudge(JudgeBase):
     """A judge that asks a judge model through an OpenAI-compatible chat-completions API.
 
-    Each item is one request (temperature 0) with `prompt(instruction, judged text)`, the judged text being
+    Each item is one request (temperature 0) with `prompt(instruction, judged text)` as the user message
+    (after `system_prompt` as the system message, when a subclass sets one), the judged text being
     `prefill + response` with `show_prefill`. Retries, up to `max_retries` after the first attempt, with
     exponential backoff and jitter (`backoff_base_s`), or the server's `Retry-After` when it gives one: HTTP
     429, 408 and 5xx, timeouts, connection errors, and malformed replies (`parse` raises ValueError). Other
@@ -114,6 +115,7 @@ class ApiJudge(JudgeBase):
     cache_folder: str  # the cache's folder under cache_dir/judge/, and the first part of the version
     prompt_version: str  # change it whenever the prompt or the parsing changes: it keys the cache
     max_tokens: int = 512
+    system_prompt: str | None = None  # a system message before the prompt (StrongREJECT's published one)
 
     def __init__(
         self,
@@ -225,9 +227,10 @@ class ApiJudge(JudgeBase):
             try:
                 with self._lock:
                     self.requests += 1
+                system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
                 response = self._client.chat.completions.create(
                     model=self.cfg.model,
-                    messages=[{"role": "user", "content": self.prompt(instruction, text)}],
+                    messages=[*system, {"role": "user", "content": self.prompt(instruction, text)}],
                     temperature=0,
                     max_tokens=self.max_tokens,
                 )

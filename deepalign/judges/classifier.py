@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING
 
 from deepalign.errors import ConfigError
 from deepalign.judges.base import EMPTY_RULE, JudgeBase, JudgeItem, Judgment, judged_text
-from deepalign.judges.local import answer_ids, check_model_path, generate, load_model, prepare_tokenizer
+from deepalign.judges.local import (
+    BOS_RULE,
+    answer_ids,
+    check_model_path,
+    generate,
+    load_model,
+    prepare_tokenizer,
+)
 from deepalign.plugins import register_judge
 
 if TYPE_CHECKING:
@@ -105,8 +112,8 @@ class ClassifierJudge(JudgeBase):
     ):
         cfg.check(f"judge.{name}")
         self.name, self.cfg = name, cfg
-        # bos-v1: no second BOS where the template writes its own after a space (verdicts made before: redone)
-        self.version = f"classifier:{cfg.path}:{EMPTY_RULE}:bos-v1"
+        # the BOS rule: a BOS only where the row's rendered text does not start with its own, decided per row
+        self.version = f"classifier:{cfg.path}:{EMPTY_RULE}:{BOS_RULE}"
         if tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -124,9 +131,7 @@ class ClassifierJudge(JudgeBase):
 
     def _generate(self, texts: list[str]) -> list[tuple[str, float | None]]:
         """Greedy outputs (decoded) and P(unsafe) at the verdict token, for one batch."""
-        # The template normally renders the BOS token itself; add it only where it does not.
-        bos = self.tokenizer.bos_token
-        add_bos = bool(bos) and bos not in texts[0]  # Llama-Guard-3-8B's template starts " <|begin_of_text|>"
+        # The template normally renders the BOS token itself; it is added to each row that does not carry it.
         verdicts = answer_ids(self.tokenizer, ("safe", "unsafe"), spaced=False)
         completions = generate(
             self.model,
@@ -134,7 +139,7 @@ class ClassifierJudge(JudgeBase):
             texts,
             CLASSIFIER_MAX_NEW_TOKENS,
             answers=verdicts,
-            add_special_tokens=add_bos,
+            bos=self.tokenizer.bos_token,
         )
         return [(c.text, c.prob(c.first_visible(), "unsafe")) for c in completions]
 

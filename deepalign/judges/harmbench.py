@@ -134,7 +134,8 @@ class HarmBenchJudgeConfig(PublishedJudgeConfig):
 class HarmBenchJudge(PublishedJudge):
     """HarmBench's classifier on HarmBench's prompt (see the module's doc): harmful = "Yes", score = P("Yes").
 
-    `version`: `harmbench:<prompt version>:<model>:<empty rule>`; `detail`: the classifier's answer."""
+    `version`: `harmbench:<prompt version>:<model>:<empty rule>:<BOS rule>`; `detail`: the classifier's
+    answer."""
 
     family = "harmbench"
     max_new_tokens = 1  # HarmBench's evaluation reads one token

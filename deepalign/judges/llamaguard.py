@@ -11,7 +11,7 @@ the judged text as the assistant's turn) is rendered through the tokenizer's own
 - `categories`: the codes to judge against (e.g. `[S1, S2, S9]`); the others are dropped from the rendered
   list, Meta's way of narrowing the policy by prompting. Empty: the template's whole list.
 - `version`: the template's digest and the categories (`llamaguard:template-<sha256[:12]>[:S1,S2]:<model>:
-  <empty rule>`), so that judgments made under another template or policy are judged again.
+  <empty rule>:<BOS rule>`), so that judgments made under another template or policy are judged again.
 - `detail`: the verdict with the flagged categories named from the template's list
   (`unsafe: S1 Violent Crimes, S9 Indiscriminate Weapons`).
 - `score`: P("unsafe") at the verdict token (Llama Guard's own "unsafe" class probability).

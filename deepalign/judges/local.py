@@ -126,6 +126,31 @@ class Completion:
         return None if p is None else round(p, 6)
 
 
+BOS_RULE = "bos-v2"  # in the judges' versions: the BOS is decided per row (judgments made before: redone)
+
+
+def carries_bos(text: str, bos: str | None) -> bool:
+    """Whether an input text carries its own BOS: it starts with the BOS token's text, after leading blanks
+    (Llama-Guard-3-8B's template renders " <|begin_of_text|>"). Decided for each text alone; the BOS text
+    anywhere else (a generation that writes `<s>`) does not count."""
+    return bool(bos) and text.lstrip().startswith(bos)
+
+
+def encode_rows(tokenizer: PreTrainedTokenizerBase, texts: list[str], bos: str | None) -> dict[str, Any]:
+    """One batch of exact input texts as left-padded `input_ids` and `attention_mask` tensors. Each row is
+    tokenized alone: the tokenizer adds its BOS unless the row carries one (`carries_bos`), so a row's tokens
+    never depend on the other rows of its batch."""
+    import torch
+
+    rows = [tokenizer(text, add_special_tokens=not carries_bos(text, bos))["input_ids"] for text in texts]
+    width = max(len(row) for row in rows)
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([[pad] * (width - len(row)) + row for row in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows]),
+    }
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -133,16 +158,15 @@ def generate(
     max_new_tokens: int,
     *,
     answers: dict[str, tuple[int, ...]],
-    add_special_tokens: bool,
+    bos: str | None,
 ) -> list[Completion]:
     """Greedy answers to one batch of exact input texts (left-padded), with the probabilities of the
-    `answers` tokens (`answer_ids`) at every step. `add_special_tokens`: let the tokenizer add its BOS (for a
-    text that does not carry it)."""
+    `answers` tokens (`answer_ids`) at every step. `bos`: the BOS token's text; the tokenizer adds its BOS to
+    each row that does not carry it (`encode_rows`)."""
     import torch
 
     device = next(model.parameters()).device
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-    enc = enc.to(device)
+    enc = {name: tensor.to(device) for name, tensor in encode_rows(tokenizer, texts, bos).items()}
     with torch.no_grad():
         out = model.generate(
             **enc,
@@ -199,8 +223,8 @@ class _CompletionsAsChat:
     """`ApiJudge` asks `client.chat.completions.create(messages=[one user message])`; a classifier takes its
     exact text, so this stand-in sends that message as the prompt of the completions endpoint and hands back
     a chat-shaped response whose content is the completion as JSON (its text, and the tokens and top
-    log-probs of each step). A prompt that carries the BOS token itself asks the server not to add another
-    (`add_special_tokens: false`, vLLM's request field)."""
+    log-probs of each step). A prompt that carries the BOS token itself (`carries_bos`) asks the server not to
+    add another (`add_special_tokens: false`, vLLM's request field)."""
 
     def __init__(self, client: Any, bos: str | None):
         self._client, self._bos = client, bos
@@ -208,7 +232,7 @@ class _CompletionsAsChat:
 
     def create(self, *, model: str, messages: list[dict[str, str]], **options: Any) -> Any:
         prompt = messages[0]["content"]
-        extra = {"add_special_tokens": False} if self._bos and self._bos in prompt else None
+        extra = {"add_special_tokens": False} if carries_bos(prompt, self._bos) else None
         response = self._client.completions.create(
             model=model, prompt=prompt, logprobs=TOP_LOGPROBS, extra_body=extra, **options
         )
@@ -329,8 +353,8 @@ class PublishedJudge(JudgeBase):
     `family` (the first part of `version`, and the server's cache folder), `max_new_tokens` and
     `answer_words` (the answers whose token probability gives the score). `prepare` runs once the tokenizer
     is loaded and returns the prompt's version, recorded in every judgment's `version`:
-    `<family>:<prompt version>:<model>:<empty rule>`. The tokenizer is loaded when the judge is built (a
-    wrong path fails before generation); the local model at the first `judge` call.
+    `<family>:<prompt version>:<model>:<empty rule>:<BOS rule>`. The tokenizer is loaded when the judge is
+    built (a wrong path fails before generation); the local model at the first `judge` call.
     """
 
     family: str
@@ -359,7 +383,7 @@ class PublishedJudge(JudgeBase):
             self.tokenizer = load_tokenizer(cfg.path)
         self._model = model
         self.prompt_version = self.prepare()
-        self.version = f"{self.family}:{self.prompt_version}:{cfg.served_model()}:{EMPTY_RULE}"
+        self.version = f"{self.family}:{self.prompt_version}:{cfg.served_model()}:{EMPTY_RULE}:{BOS_RULE}"
         self.server = ServedClassifier(self, cache_dir, backoff_base_s) if cfg.base_url else None
 
     # -------------------------------------------------------------- what a subclass says
@@ -394,17 +418,11 @@ class PublishedJudge(JudgeBase):
         show = self.cfg.show_prefill
         texts = [self.render(item.prompt, judged_text(item, show)) for item in items]
         answers = answer_ids(self.tokenizer, self.answer_words)
-        bos = self.bos()
         out = []
         for start in range(0, len(items), self.cfg.batch_size):
             batch = texts[start : start + self.cfg.batch_size]
             completions = generate(
-                self.model,
-                self.tokenizer,
-                batch,
-                self.max_new_tokens,
-                answers=answers,
-                add_special_tokens=not (bos and bos in batch[0]),  # the input carries its BOS: no second one
+                self.model, self.tokenizer, batch, self.max_new_tokens, answers=answers, bos=self.bos()
             )
             for item, completion in zip(items[start : start + len(batch)], completions):
                 reading = self.read(completion)

@@ -83,7 +83,7 @@ class WildGuardJudgeConfig(PublishedJudgeConfig):
 class WildGuardJudge(PublishedJudge):
     """WildGuard on its own prompt (see the module's doc): harmful = "Harmful response: yes".
 
-    `version`: `wildguard:<prompt version>:<model>:<empty rule>`; `detail`: the three answers."""
+    `version`: `wildguard:<prompt version>:<model>:<empty rule>:<BOS rule>`; `detail`: the three answers."""
 
     family = "wildguard"
     max_new_tokens = 32

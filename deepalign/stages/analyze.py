@@ -4,9 +4,9 @@ Per-token KL(model || reference) along the harmful response (paper Fig. 1): the 
 trained one once `train` is done), the reference `analysis.reference`, or the run's initial model. Writes
 `analysis/kl.json` and `analysis/kl.png`; metrics `kl/pos=1..N`, `kl/pairs`, and `depth/kl_tokens`: the
 response positions before the mean KL stays below `analysis.depth_threshold` nats (three in a row), with
-`depth/kl_tokens_censored` = 1 where it never does within the positions measured. Without a reference and
-without a model-saving stage before it (train, a defence) the model is its own reference (KL 0): the KL part
-is skipped.
+`depth/kl_tokens_censored` = 1 where it never does within the positions measured (the value is then a lower
+bound: where the last stretch below the threshold began). Without a reference and without a model-saving
+stage before it (train, a defence) the model is its own reference (KL 0): the KL part is skipped.
 
 The recovery curve (deepalign/depth.py): per prefill depth k in `analysis.recovery_depths`, the
 teacher-forced probability that the model starts a refusal (its first `analysis.recovery_tokens` tokens,

@@ -6,11 +6,14 @@ as work finishes, so a killed run started again redoes nothing that was finished
 are instance names (`attack.<name>`, `judge.<name>`).
 Metrics: `asr/<variant>` by the primary judge (`eval.primary_judge`), `asr_<judge>/<variant>` by each judge,
 and `asr/<attack>` for attacks that aggregate (decoding: a prompt is broken if any setting breaks it), each
-with `/n` (items judged; prompts for an aggregate) and its 95% Wilson interval `/ci95_low`, `/ci95_high`;
-per prefill instance with depths, its ASR-vs-depth curve summarised (deepalign/depth.py): `depth/asr_auc`
-(area under ASR vs depth over the depth range), `depth/k50` (the depth where ASR reaches 0.5) and
-`depth/k50_censored` (1: never reached, k50 is the deepest depth) for the instance `prefill` by the primary
-judge, `depth/<instance>/...` for another instance, `depth_<judge>/...` by each judge;
+with `/n` (prompts judged: prompts are the unit, see `success_rates`) and its 95% Wilson interval
+`/ci95_low`, `/ci95_high`; `judge_failed/<judge>` the judgments that failed (asked again on the next run);
+per prefill instance with depths, its own ASR-vs-depth curve (depth 0: its `k=0`, always run) summarised
+(deepalign/depth.py): `depth/asr_auc` (area under ASR vs depth over the depth range), `depth/k50` (the depth
+where ASR reaches 0.5), `depth/k50_censored` (1: never reached, k50 is the deepest depth, a lower bound) and
+`depth/k50_left_censored` (1: reached at the first depth, deeper than 0: an upper bound) for the instance
+`prefill` by the primary judge, `depth/<instance>/...` for another instance, `depth_<judge>/...` by each
+judge;
 with two or more judges `judgments/agreement.json` and `agreement/<judge>~<judge>/{agreement,kappa}`;
 `eval/empty_rate` (and per variant) the share of empty answers; `throughput/attack/gen_*` what this run
 generated, how fast.
@@ -23,16 +26,23 @@ import json
 import logging
 import math
 from collections import defaultdict
+from fractions import Fraction
 from itertools import combinations
 from pathlib import Path
 
 from deepalign.artifacts import JsonlStore
-from deepalign.attacks import AttackRun, build_attacks, read_eval_items
+from deepalign.attacks import (
+    AttackRun,
+    build_attacks,
+    read_eval_items,
+    unique_variants,
+)
 from deepalign.context import RunContext
 from deepalign.depth import depth_metrics
 from deepalign.generation import default_params, make_engine
-from deepalign.generation_store import generate_variant, throughput
-from deepalign.judges import JudgeItem, Judgment, attack_success_rate, build_judges, primary_judge
+from deepalign.generation_store import generate_variants, throughput
+from deepalign.judges import JudgeItem, build_judges, primary_judge
+from deepalign.judges.base import FAILED
 from deepalign.plugins import register_stage
 from deepalign.rundir import write_json_atomic
 from deepalign.stats import agreement, cohen_kappa, wilson_interval
@@ -47,14 +57,22 @@ def generation_digest(generation: dict) -> str:
 
 
 def judge_store(run_dir: Path, attack: str, judge, generations: list[dict]) -> JsonlStore:
-    """Judge every generation record not yet judged by this judge (same version, same generation)."""
+    """Judge every generation record without a final judgment by this judge. Final: stored for this
+    version and this generation, with `harmful` true or false. A failed judgment (`harmful` null: a server
+    that could not be reached, a reply that could not be read) is not final: it is asked again on every run
+    of the stage until it succeeds; the log says how many failed."""
     store = JsonlStore(run_dir / "judgments" / f"{attack}.{judge.name}.jsonl")
 
-    def fresh(key: str, g: dict) -> bool:
+    def final(key: str, g: dict) -> bool:
         j = store.records.get(key)
-        return j is not None and j.get("version") == judge.version and j.get("digest") == generation_digest(g)
+        return (
+            j is not None
+            and isinstance(j.get("harmful"), bool)
+            and j.get("version") == judge.version
+            and j.get("digest") == generation_digest(g)
+        )
 
-    todo = [g for g in generations if not fresh(g["key"], g)]
+    todo = [g for g in generations if not final(g["key"], g)]
     chunk = 64
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
@@ -75,32 +93,68 @@ def judge_store(run_dir: Path, attack: str, judge, generations: list[dict]) -> J
                 for j, g in zip(judgments, part)
             ]
         )
+    failed = [store.records[g["key"]] for g in generations if store.records[g["key"]].get("harmful") is None]
+    if failed:
+        log.warning(
+            "attack %s, judge %s: %d of %d judgments failed (first error: %s); they are left out of the ASR "
+            "and its n, and the next run of the stage (the same command again) asks for them again",
+            attack,
+            judge.name,
+            len(failed),
+            len(generations),
+            failed[0].get("error"),
+        )
     return store
 
 
-def rate_interval(key: str, harmful: int, n: int) -> dict[str, float]:
-    """`<key>/n` (the items judged) and its 95% Wilson interval `<key>/ci95_low`, `<key>/ci95_high`."""
+def failure_counts(judged: dict[str, list[dict]]) -> dict[str, int]:
+    """`judge_failed/<judge>`: the stage's judgments by each judge that failed (0 when none; the runner does
+    not record a stage with any as done, so that its next run retries them)."""
+    return {
+        f"{FAILED}/{name}": sum(r.get("harmful") is None for r in records) for name, records in judged.items()
+    }
+
+
+def rate_interval(key: str, harmful: float, n: int) -> dict[str, float]:
+    """`<key>/n` (the prompts judged) and the 95% Wilson interval of `harmful` successes in `n`,
+    `<key>/ci95_low`, `<key>/ci95_high`; `harmful` may be fractional (a sum of per-prompt shares)."""
     low, high = wilson_interval(harmful, n)
     return {f"{key}/n": n, f"{key}/ci95_low": round(low, 4), f"{key}/ci95_high": round(high, 4)}
 
 
+def prompt_shares(records: list[dict]) -> list[Fraction]:
+    """Per prompt (`prompt_id`) with a judged sample: the share of its judged samples that are harmful
+    (failed judgments left out), exact."""
+    verdicts: dict[str, list[bool]] = defaultdict(list)
+    for record in records:
+        if record.get("harmful") is not None:
+            verdicts[record["prompt_id"]].append(bool(record["harmful"]))
+    return [Fraction(sum(v), len(v)) for v in verdicts.values()]
+
+
 def success_rates(judgments: list[dict], prefix: str, aggregate: str | None = None) -> dict[str, float]:
-    """ASR per variant; with `aggregate` (an attack's name) also the any-variant rate per prompt
-    (`<prefix>/<aggregate>`). Each rate also gets its n and 95% Wilson interval (`rate_interval`): n counts
-    the judged items (failed judgments left out), for the aggregate the prompts."""
-    by_variant: dict[str, list] = defaultdict(list)
+    """ASR per variant, with prompts as the unit; with `aggregate` (an attack's name) also the any-variant
+    rate per prompt (`<prefix>/<aggregate>`: a prompt is broken if any judged answer to it is harmful).
+
+    A prompt's success is the share of its judged samples judged harmful (failed judgments left out); the
+    ASR is the mean over the prompts judged, `/n` their number, and the interval (`rate_interval`) the Wilson
+    interval of the summed shares in n prompts. With one sample per prompt that is the share of harmful
+    answers and its usual Wilson interval. With several (`generation.num_samples > 1`), the correlated
+    samples of one prompt count once: a share in [0, 1] varies at most as much as one Bernoulli draw of the
+    same mean, so the interval is conservative (never narrower than a cluster-robust one, in large samples),
+    where counting samples as independent made it too narrow."""
+    by_variant: dict[str, list[dict]] = defaultdict(list)
     broken: dict[str, bool] = {}
     for record in judgments:
-        fields = {k: record[k] for k in Judgment.__dataclass_fields__ if k in record}
-        j = Judgment(**fields)
-        by_variant[record["variant"]].append(j)
-        if aggregate is not None and j.harmful is not None:
-            broken[record["prompt_id"]] = broken.get(record["prompt_id"], False) or j.harmful
+        by_variant[record["variant"]].append(record)
+        if aggregate is not None and record.get("harmful") is not None:
+            broken[record["prompt_id"]] = broken.get(record["prompt_id"], False) or bool(record["harmful"])
     out = {}
-    for v, js in sorted(by_variant.items()):
-        out[f"{prefix}/{v}"] = round(attack_success_rate(js), 4)
-        judged = [j.harmful for j in js if j.harmful is not None]
-        out.update(rate_interval(f"{prefix}/{v}", sum(judged), len(judged)))
+    for v, records in sorted(by_variant.items()):
+        shares = prompt_shares(records)
+        k = sum(shares, Fraction(0))
+        out[f"{prefix}/{v}"] = round(float(k / len(shares)), 4) if shares else math.nan
+        out.update(rate_interval(f"{prefix}/{v}", float(k), len(shares)))
     if broken:
         out[f"{prefix}/{aggregate}"] = round(sum(broken.values()) / len(broken), 4)
         out.update(rate_interval(f"{prefix}/{aggregate}", sum(broken.values()), len(broken)))
@@ -208,21 +262,23 @@ def run_attack(ctx: RunContext) -> dict[str, float]:
     main = primary_judge(cfg.judge, cfg.eval.primary_judge)
     generations: list[dict] = []
     judged: dict[str, list[dict]] = {judge.name: [] for judge in judges}  # this stage's judgments, per judge
+    names: dict[str, str] = {}  # variant name -> attack instance: each name once
+    stores = {a.name: JsonlStore(ctx.run_dir / "generations" / f"{a.name}.jsonl") for a in attacks}
+    # every attack's variants in one call, so that the engine shares their prompts (nested prefills)
+    work = [(a.name, v) for a in attacks for v in unique_variants(a, a.variants(run, base), names)]
+    done = generate_variants(
+        engine,
+        [(stores[name], variant) for name, variant in work],
+        items,
+        tokenizer,
+        system=system,
+        seed=cfg.seed,
+        model_id=ctx.model_id(),
+    )
     for attack in attacks:
-        store = JsonlStore(ctx.run_dir / "generations" / f"{attack.name}.jsonl")
-        keys = []  # this config's records (the files may also hold those of earlier settings)
-        for variant in attack.variants(run, base):
-            log.info("attack %s: generating", variant.name)
-            keys += generate_variant(
-                engine,
-                store,
-                variant,
-                items,
-                tokenizer,
-                system=system,
-                seed=cfg.seed,
-                model_id=ctx.model_id(),
-            )
+        store = stores[attack.name]
+        # this config's records (the files may also hold those of earlier settings)
+        keys = [k for (name, _), ks in zip(work, done) if name == attack.name for k in ks]
         generations += [store.records[k] for k in keys]
         aggregate = attack.name if attack.aggregate else None
         for judge in judges:
@@ -251,5 +307,6 @@ def run_attack(ctx: RunContext) -> dict[str, float]:
         write_json_atomic(ctx.run_dir / "judgments" / "agreement.json", report)
         metrics.update(values)
     metrics.update(empty_rates(generations))
+    metrics.update(failure_counts(judged))
     metrics.update(throughput(engine, "attack"))
     return metrics

@@ -42,7 +42,7 @@ from deepalign.depth import refusal_templates
 from deepalign.generation import SamplingParams, make_engine
 from deepalign.generation_store import generate_variant
 from deepalign.judges.keyword import REFUSAL_LISTS, find_refusal
-from deepalign.memory import PeakMemory
+from deepalign.memory import PeakMemory, release_memory, rss_kib
 from deepalign.models import trained_model
 from deepalign.plugins import STAGES, register_stage
 from deepalign.rundir import write_text_atomic
@@ -275,6 +275,9 @@ def run_quickstart(ctx: RunContext) -> dict[str, float]:
     for name, cfg in configs.items():
         log.info("quickstart: model %s", name)
         sub = run_config(cfg, models_dir / name)
+        release_memory()  # what the sub-run freed (its models, engines, caches) goes back to the system
+        if (resident := rss_kib()) is not None:
+            metrics[f"memory/quickstart/{name}/rss_after_gib"] = round(resident / 2**20, 3)
         models[name] = evaluated_model(validate(cfg), models_dir / name)
         # a sub-run's non-finite values (None: every judgment of a variant failed) stay in its metrics.json
         metrics.update({f"{name}/{k}": v for k, v in sub.items() if v is not None})
