@@ -37,7 +37,7 @@ FLOORS_VENV ?= .venv-floors
 FLOORS_TESTS ?= tests/test_training.py tests/test_generation.py tests/test_chat.py tests/test_cli.py tests/test_data.py \
 	tests/test_judges.py tests/test_numerics.py tests/test_floors.py tests/test_depth.py \
 	tests/test_chunked_logprobs.py tests/test_packing.py tests/test_generation_cache.py tests/test_gcg.py \
-	tests/test_models.py
+	tests/test_models.py tests/test_prefix_sharing.py
 
 $(FLOORS_VENV)/.installed: pyproject.toml .ci/floors.txt
 	$(PYTHON) -m venv $(FLOORS_VENV)
