@@ -8,7 +8,9 @@ margins) and each sub-run its own stage times as `<model>/time/<stage>_s`, both 
 (a rerun that skips finished stages keeps the first times). The table has one row per part, its stage times
 as columns, and its share of the total. A second table gives the tokens generated and trained per second of
 each stage that generated or trained (`throughput/...` keys, as in the run's report.md) and the process's RSS
-high-water mark when the stage ended (`memory/...`).
+high-water mark when the stage ended (`memory/...`). A third gives each stage's useful work (`flops/...`:
+2 x params per token forward, 6 x per token trained) per second against this machine's matmul rate
+(`machine/<dtype>_gflops`): the run's efficiency, the figure to push up.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table  # noqa: E402
 
-from deepalign.report import time_rows  # noqa: E402
+from deepalign.report import efficiency_table, time_rows  # noqa: E402
 
 PART_PREFIX = "time/quickstart/"
 PART_ORDER = ["harvest", "unaligned", "shallow", "deep", "ft_sft", "ft_constrained", "ft_constrained_paper"]
@@ -97,6 +99,12 @@ def main() -> None:
                 speeds,
             )
         )
+    work = efficiency_table(metrics, PART_ORDER[1:])
+    if work:
+        print(
+            "\nUseful work (2 x params x tokens forward, 6 x params x tokens trained) against the machine:\n"
+        )
+        print("\n".join(work))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from deepalign.config import ConfigError, ModelConfig
+from deepalign.flops import count_flops
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     model.eval()
     seconds = time.perf_counter() - start
     log.info("loaded %s (%s) on %s as %s in %.1fs", cfg.name, source, device, dtype, seconds)
+    count_flops(model)  # its useful work, per stage (deepalign/flops.py)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, load_seconds=seconds)
 
 

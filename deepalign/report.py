@@ -279,6 +279,45 @@ def time_table(metrics: dict[str, float], models) -> list[str]:
     return lines
 
 
+def efficiency_rows(metrics: dict[str, float], models) -> list[tuple[str, str, float, float]]:
+    """(part, stage, seconds, useful GFLOP) of the harvest, each sub-run's stages that counted work
+    (`<model>/flops/<stage>/gflop`, deepalign/flops.py) and the margins."""
+    get = metrics.get
+    parts = [("harvest", "generate", "time/quickstart/harvest_s", "flops/quickstart/harvest_gflop")]
+    for model in models:
+        prefix = f"{model}/flops/"
+        stages = [
+            k[len(prefix) : -len("/gflop")] for k in metrics if k.startswith(prefix) and k.endswith("/gflop")
+        ]
+        stages.sort(key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER))
+        parts += [(model, s, f"{model}/time/{s}_s", f"{prefix}{s}/gflop") for s in stages]
+    parts.append(
+        ("margins", "first-token margin", "time/quickstart/margin_s", "flops/quickstart/margin_gflop")
+    )
+    return [(p, s, get(t), get(f)) for p, s, t, f in parts if get(t) is not None and get(f) is not None]
+
+
+def efficiency_table(metrics: dict[str, float], models) -> list[str]:
+    """Useful work per stage (2 x params x tokens forward, 6 x params x tokens trained) against its wall time
+    and this machine's matmul rate (`machine/<dtype>_gflops`), with a total row; empty without counts."""
+    rows = efficiency_rows(metrics, models)
+    if not rows:
+        return []
+    rate = next(((k.split("/")[1][:-7], v) for k, v in metrics.items() if k.startswith("machine/")), None)
+    peak = f"% of {rate[1]:.0f} GFLOP/s ({rate[0]})" if rate else "% of the machine"
+
+    def share(gflop: float, seconds: float) -> str:
+        return "-" if not rate or not seconds else f"{100 * gflop / seconds / rate[1]:.0f}%"
+
+    lines = [f"| part | stage | seconds | useful GFLOP | GFLOP/s | {peak} |", "|---|---|---|---|---|---|"]
+    total = ("total", "", sum(r[2] for r in rows), sum(r[3] for r in rows))
+    for part, stage, seconds, gflop in [*rows, total]:
+        speed = gflop / max(seconds, 1e-9)
+        cells = [part, stage, f"{seconds:.0f}", f"{gflop:.0f}", f"{speed:.0f}", share(gflop, seconds)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot_asr_vs_depth(metrics: dict[str, float], models, path: Path) -> bool:
     """ASR (%) against the number of prefilled tokens, one line per model; error bars are each ASR's 95%
     Wilson interval over the prompts (`<asr>/ci95_low`, `<asr>/ci95_high`) where the metrics have it.
@@ -564,6 +603,15 @@ def write_report(run_dir: Path, metrics: dict[str, float], models, tracker) -> P
         *time_table(metrics, models),
         "",
     ]
+    if work := efficiency_table(metrics, models):
+        text += [
+            "Useful work: each stage's FLOPs counted where the models see tokens (2 x params per token of a",
+            "forward pass, 6 x per token trained; padding not counted), per second of its wall time, against",
+            "this machine's matmul rate with its threads in the dtype used (deepalign/flops.py).",
+            "",
+            *work,
+            "",
+        ]
     text += [f"![{name}]({name})" for name in images]
     path = run_dir / "report.md"
     write_text_atomic(path, "\n".join(text) + "\n")

@@ -21,6 +21,7 @@ from deepalign.config import ConfigError, DeepAlignConfig, ModelConfig, validate
 from deepalign.context import RunContext
 from deepalign.data import DataError
 from deepalign.fingerprint import config_fingerprint
+from deepalign.flops import gflop_so_far
 from deepalign.judges.base import failed_judgments
 from deepalign.launch import end_process_group, launch, process_rank, world_size
 from deepalign.memory import PeakMemory
@@ -283,11 +284,13 @@ def _run(
             log.info("stage %s: start", name)
             start = time.perf_counter()
             spec = STAGES.get(name, "stages")
+            work = gflop_so_far()
             with PeakMemory() as peak:
                 values = spec.fn(ctx)
             if not isinstance(values, dict):
                 raise TypeError(f"stage {name} returned {type(values).__name__}, not a dict of metrics")
             values[f"time/{name}_s"] = round(time.perf_counter() - start, 3)
+            values[f"flops/{name}/gflop"] = round(gflop_so_far() - work, 1)
             values.update(peak.metrics(f"memory/{name}"))
             ctx.finished.pop(name, None)
             ctx.finished[name] = None

@@ -148,10 +148,12 @@ def test_quickstart_on_the_tiny_model(tmp_path, caplog):
     # alignment depth: a header and 3 model rows (not the fine-tuning attacks: no prefill, no analyze);
     # prefill sources by both judges: a header and two rows
     # (prefill, prefill_own) for shallow and deep;
-    # where the time goes: a header, the harvest, each model's stages (3 + 4 + 4 + 3 + 3), margins, total
+    # where the time goes, and the useful work: a header, the harvest, each model's stages
+    # (3 + 4 + 4 + 3 + 3), margins, total
     assert report.count("\n| ") == (
-        3 * (1 + 5) + (1 + 3 * 2) + (1 + 5) + (1 + 3) + 2 * (1 + 2 * 2) + 1 + 1 + 17 + 1 + 1
+        3 * (1 + 5) + (1 + 3 * 2) + (1 + 5) + (1 + 3) + 2 * (1 + 2 * 2) + 2 * (1 + 1 + 17 + 1 + 1)
     )
+    assert metrics["shallow/flops/train/gflop"] > 0 and metrics["flops/quickstart/harvest_gflop"] > 0
     assert "| deep | prefill_own |" in report
     assert "## Alignment depth" in report and "| unaligned | analyze |" in report
     assert "| shallow | train |" in report and "| harvest | generate |" in report
@@ -164,8 +166,9 @@ def test_quickstart_on_the_tiny_model(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     again = cli.run(compose_config([*TINY, f"quickstart.eval_prompts={own}"]), run_dir)
     assert "stage train: already done" in caplog.text
-    untimed = {k: v for k, v in again.items() if not k.startswith(("time/", "memory/"))}
-    assert untimed == {k: v for k, v in metrics.items() if not k.startswith(("time/", "memory/"))}
+    process = ("time/", "memory/", "flops/")  # what this run's process did, not the results
+    untimed = {k: v for k, v in again.items() if not k.startswith(process)}
+    assert untimed == {k: v for k, v in metrics.items() if not k.startswith(process)}
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ from deepalign.config import DeepAlignConfig, EvalConfig, ModelConfig, omegaconf
 from deepalign.context import RunContext
 from deepalign.data import DataError, read_rows
 from deepalign.depth import refusal_templates
+from deepalign.flops import gflop_so_far, machine_gflops
 from deepalign.generation import SamplingParams, make_engine
 from deepalign.generation_store import generate_variant
 from deepalign.judges.keyword import REFUSAL_LISTS, find_refusal
@@ -257,12 +258,13 @@ def run_quickstart(ctx: RunContext) -> dict[str, float]:
     # built before the harvest: a wrong key or type in a layer fails at once
     configs = {name: sub_config(ctx, name, data_dir, models_dir) for name in names}
     timing_file = out / "harvest_time.json"  # the first (real) harvest's duration and speed survive re-runs
-    start = time.perf_counter()
+    start, work = time.perf_counter(), gflop_so_far()
     with PeakMemory() as peak:
         metrics = harvest(ctx, data_dir)
     speed = metrics.pop(HARVEST_THROUGHPUT, None)
     if not timing_file.is_file():
         first = {"seconds": round(time.perf_counter() - start, 1), "gen_tokens_per_s": speed}
+        first["gflop"] = round(gflop_so_far() - work, 1)
         first["memory"] = peak.metrics("memory/quickstart/harvest")
         write_text_atomic(timing_file, json.dumps(first))
     first = json.loads(timing_file.read_text())
@@ -270,6 +272,8 @@ def run_quickstart(ctx: RunContext) -> dict[str, float]:
     if first.get("gen_tokens_per_s") is not None:
         metrics[HARVEST_THROUGHPUT] = first["gen_tokens_per_s"]
     metrics.update(first.get("memory", {}))
+    if first.get("gflop") is not None:
+        metrics["flops/quickstart/harvest_gflop"] = first["gflop"]
     ctx.forget_model()  # each sub-run loads its own
     models: dict[str, ModelConfig] = {}
     for name, cfg in configs.items():
@@ -284,9 +288,13 @@ def run_quickstart(ctx: RunContext) -> dict[str, float]:
         # the sub-run's own stage times, recorded when each stage really ran
         seconds = sum(v for k, v in sub.items() if k.startswith("time/"))
         metrics[f"time/quickstart/{name}_s"] = round(seconds, 1)
-    start = time.perf_counter()
+    start, work = time.perf_counter(), gflop_so_far()
     for name in names:
         metrics[f"{name}/margin/first_token"] = margin(models[name], data_dir)
     metrics["time/quickstart/margin_s"] = round(time.perf_counter() - start, 1)
+    metrics["flops/quickstart/margin_gflop"] = round(gflop_so_far() - work, 1)
+    rate, dtype = machine_gflops(ctx.config.paths.cache_dir)
+    if rate == rate:  # a CPU whose probe ran (nan elsewhere)
+        metrics[f"machine/{dtype}_gflops"] = round(rate, 1)
     write_report(ctx.run_dir, metrics, names, ctx.tracker)
     return metrics
