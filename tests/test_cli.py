@@ -319,7 +319,7 @@ def test_the_launcher_holds_the_run_dir_and_its_workers_do_not_wait_for_it(tmp_p
 
     monkeypatch.setattr(runner, "launch", workers)
     cli.start_workers(cfg, run_dir, None)
-    measured = {k: v for k, v in seen[0].items() if k.startswith(("time/", "memory/"))}
+    measured = {k: v for k, v in seen[0].items() if k.startswith(("time/", "memory/", "flops/"))}
     assert seen == [{"probe/x": 1.0, **measured}] and "time/probe_s" in measured
     with lock_run_dir(run_dir):  # released
         pass
