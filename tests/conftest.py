@@ -101,3 +101,18 @@ def metaspace_tokenizer():
     )
     tok.chat_template = LLAMA2_TEMPLATE
     return tok
+
+
+def run_quickstart_stages(run_dir: Path, metrics: dict, monkeypatch) -> None:
+    """Write `metrics` as RUN_DIR/metrics.json and run bench/quickstart_stages.py's main on it."""
+    import importlib.util
+    import json
+    import sys
+
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    path = Path(__file__).resolve().parents[1] / "bench" / "quickstart_stages.py"
+    spec = importlib.util.spec_from_file_location("quickstart_stages", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["quickstart_stages.py", str(run_dir)])
+    bench.main()

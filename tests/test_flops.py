@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from conftest import run_quickstart_stages
 
 from deepalign.flops import count_flops, gflop_so_far, machine_gflops
 from deepalign.models import load_model
@@ -88,16 +87,6 @@ def test_the_efficiency_table_adds_up_the_stages(tmp_path, monkeypatch, capsys):
         "| total |  | 200 | 20000 | 100 | 50% |",
     ]
     assert efficiency_table({"time/quickstart/harvest_s": 1.0}, ["shallow"]) == []
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     metrics["time/quickstart/shallow_s"] = 100.0
-    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    path = Path(__file__).resolve().parents[1] / "bench" / "quickstart_stages.py"
-    spec = importlib.util.spec_from_file_location("quickstart_stages", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    monkeypatch.setattr(sys, "argv", ["quickstart_stages.py", str(tmp_path)])
-    bench.main()
+    run_quickstart_stages(tmp_path, metrics, monkeypatch)
     assert "| total |  | 200 | 20000 | 100 | 50% |" in capsys.readouterr().out

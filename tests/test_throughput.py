@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import compose_config, run_quickstart_stages
 
 from deepalign import cli
 from deepalign.chat import encode_for_training
@@ -118,10 +118,6 @@ def test_where_the_time_goes_table():
 
 def test_quickstart_stages_bench_reads_a_run_dir(tmp_path, monkeypatch, capsys):
     """bench/quickstart_stages.py prints the stage table and the speed table, memory column included."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     metrics = {
         "time/quickstart/harvest_s": 68.0,
         "time/quickstart/shallow_s": 150.2,
@@ -130,13 +126,7 @@ def test_quickstart_stages_bench_reads_a_run_dir(tmp_path, monkeypatch, capsys):
         "shallow/throughput/train/tokens_per_s": 2000.4,
         "shallow/memory/train/rss_high_water_gib": 2.5,
     }
-    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    path = Path(__file__).resolve().parents[1] / "bench" / "quickstart_stages.py"
-    spec = importlib.util.spec_from_file_location("quickstart_stages", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    monkeypatch.setattr(sys, "argv", ["quickstart_stages.py", str(tmp_path)])
-    bench.main()
+    run_quickstart_stages(tmp_path, metrics, monkeypatch)
     out = capsys.readouterr().out
     assert "| shallow | train | 50 | - | 2000 | 2.50 |" in out
     assert "Total 3.6 min against a budget of 15 min: met." in out
