@@ -272,6 +272,10 @@ class TrainConfig:
     # pack each micro-batch into one row without padding (per-sequence position ids); needs an attention
     # implementation of transformers that reads packed position ids (sdpa, eager, flash_attention_2, flex)
     packing: bool = False
+    # the attention the model trains with and scores the reference log-probs with (transformers'
+    # attn_implementation: eager, sdpa, flash_attention_2, ...); null: the model's own. Generation keeps
+    # the model's own.
+    attn_implementation: str | None = None
     seed: int = "${seed}"  # type: ignore[assignment]
 
     def check(self, key: str = "train") -> None:
@@ -510,7 +514,6 @@ class QuickstartConfig:
     harvest_tokens: int = 48  # the training prompts' harmful answers (recovery examples, fine-tuning attack)
     harvest_eval_tokens: int = 128  # the evaluation prompts' answers: long enough for prefills of 100 tokens
     benign_tokens: int = 48
-    harvest_batch_size: int = 16
     ft_pairs: int = 50  # harmful (prompt, answer) pairs of the fine-tuning attack
     ft_tokens: int = 52  # ... cut after this many tokens (the affirmative start and 48 sampled ones)
     models: list[str] = field(

@@ -27,7 +27,6 @@ transformers' implicit top_k=50) are overridden, so `top_k=0` really is the full
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -357,6 +356,32 @@ def prefix_families(rows: Sequence[_Row]) -> list[_Family]:
     return families
 
 
+def compact_cache(cache: Any, index: torch.Tensor, begins: torch.Tensor, lengths: torch.Tensor) -> Any:
+    """A new DynamicCache whose row j holds `lengths[j]` columns of `cache`'s row `index[j]` from column
+    `begins[j]` on, left-padded (with copies of a column, which the attention mask hides) to the longest:
+    a row attends over its own tokens only, not over the longer root's width.
+
+    Written here: transformers' caches copy or crop whole batches, not a slice per row."""
+    from transformers import DynamicCache
+
+    width = int(lengths.max())
+    offset = torch.arange(width, device=index.device) - width  # -width .. -1: right-aligned columns
+    columns = (begins + lengths).unsqueeze(1) + offset  # [rows, width]
+    columns = torch.maximum(columns, begins.unsqueeze(1))  # the padding repeats a row's first column
+    rows = index.unsqueeze(1)
+    out = DynamicCache()
+    for layer, kept in enumerate(cache.layers):
+        if kept.keys.shape[2] < int(columns.max()) + 1:  # a sliding-window layer dropped early columns
+            raise ValueError(
+                f"generation.share_prefixes: layer {layer} of the KV cache keeps {kept.keys.shape[2]} of the "
+                f"{int(columns.max()) + 1} columns of its prefix (a sliding window); set "
+                "generation.share_prefixes=false"
+            )
+        keys, values = (t.transpose(1, 2)[rows, columns].transpose(1, 2) for t in (kept.keys, kept.values))
+        out.update(keys.contiguous(), values.contiguous(), layer)
+    return out
+
+
 class KeptStaticCache:
     """One transformers `StaticCache` kept for many `generate` calls and reset before each: made anew only for
     another number of rows or a longer sequence than it holds. A compiled decoding step's CUDA graphs are
@@ -563,20 +588,16 @@ class HFEngine:
     def _run_shared(
         self, batch: list[tuple[int, _Row]], prefix: _Prefix, device: torch.device
     ) -> list[list[int]]:
-        """Decode rows from their roots' cache (`batch`: root index, row): the cache's columns a row does
-        not have are masked out, and its last token is the one new input."""
+        """Decode rows from their roots' cache (`batch`: root index, row): each row gets the cached columns of
+        its own ids but the last (`compact_cache`), left-padded to the batch's longest, and its last token is
+        the one new input."""
+        padded = pad_batch([row.input_ids for _, row in batch], self.pad_id, side="left", device=device)
         index = torch.tensor([i for i, _ in batch], device=device)
-        cache = copy.deepcopy(prefix.cache)
-        cache.reorder_cache(index)
-        last = torch.tensor([[row.input_ids[-1]] for _, row in batch], device=device)
-        input_ids = torch.cat([prefix.ids[index], last], dim=1)
-        mask = torch.zeros_like(input_ids)
-        for j, (i, row) in enumerate(batch):
-            begin = prefix.starts[i]
-            mask[j, begin : begin + len(row.input_ids) - 1] = 1
-        mask[:, -1] = 1
+        begins = torch.tensor([prefix.starts[i] for i, _ in batch], device=device)
+        lengths = padded.attention_mask[:, :-1].sum(-1)  # the cached tokens of each row
+        cache = compact_cache(prefix.cache, index, begins, lengths)
         extra = {cache_kwarg(self.model): cache}
-        return self._decode(input_ids, mask, batch[0][1].params, [], device, extra)
+        return self._decode(padded.input_ids, padded.attention_mask, batch[0][1].params, [], device, extra)
 
     def _generate_kwargs(self, params: SamplingParams) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(self._overrides)

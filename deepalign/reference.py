@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 def model_fingerprint(cfg: ModelConfig, source: str, model, cache_dir: str | Path | None = None) -> str:
     """Identity of loaded weights, by content: the files of the folder they came from (not the folder's
     path or file times: a re-saved identical model keeps it), or the hub id and commit, or a random model's
-    architecture, seed and vocabulary; the adapter's files; the dtype. `cache_dir` keeps file digests."""
-    parts: dict[str, object] = {"dtype": str(model.dtype)}
+    architecture, seed and vocabulary; the adapter's files; the dtype; the attention implementation (eager
+    and sdpa round differently). `cache_dir` keeps file digests."""
+    parts: dict[str, object] = {"dtype": str(model.dtype), "attention": model.config._attn_implementation}
     if cfg.source == "random":
         parts.update(arch=dict(cfg.arch), seed=cfg.seed, vocab=model.config.vocab_size)
     elif Path(source).is_dir():

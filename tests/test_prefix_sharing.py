@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from deepalign.chat import encode_for_generation
 from deepalign.generation import GenerationRequest, HFEngine, SamplingParams, _Row, prefix_families
@@ -118,3 +119,37 @@ def test_the_config_switches_sharing_off(lively):
     assert not make_engine(off, lively, progress=False).share_prefixes
     static = GenerationConfig(dtype="float32", cache="static")
     assert not make_engine(static, lively, progress=False).share_prefixes
+
+
+def test_a_compact_cache_holds_each_rows_own_columns(lively):
+    """Each row keeps its root's cached columns of its own ids only, right-aligned: the same keys and values
+    as a forward pass over its ids alone, and a batch as wide as its longest row, not as its roots."""
+    from deepalign.generation import HFEngine, _Row, compact_cache
+
+    engine = HFEngine(lively.model, lively.tokenizer, progress=False)
+    requests = nested_requests(lively.tokenizer, GREEDY, depths=(0, 7, 15))
+    roots = [_Row(GREEDY, r.input_ids, []) for r in requests if r.id.startswith("k=15/")]
+    prefix = engine._prefix(roots, torch.device("cpu"))
+    picked = [(0, 5), (2, 9), (1, 3)]  # (root, cached tokens)
+    index = torch.tensor([i for i, _ in picked])
+    lengths = torch.tensor([n for _, n in picked])
+    cache = compact_cache(prefix.cache, index, torch.tensor([prefix.starts[i] for i, _ in picked]), lengths)
+    assert cache.layers[0].keys.shape[2] == 9 < prefix.ids.shape[1]
+    for j, (i, n) in enumerate(picked):
+        with torch.no_grad():
+            alone = lively.model(input_ids=torch.tensor([roots[i].input_ids[:n]]), use_cache=True)
+        own = alone.past_key_values
+        for mine, theirs in zip(cache.layers, own.layers, strict=True):
+            for got, want in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                torch.testing.assert_close(got[j, :, 9 - n :], want[0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_cache_missing_prefix_columns_is_refused(lively):
+    from transformers import DynamicCache
+
+    from deepalign.generation import compact_cache
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), 0)  # 4 columns kept of a longer prefix
+    with pytest.raises(ValueError, match="share_prefixes=false"):
+        compact_cache(cache, torch.tensor([0]), torch.tensor([2]), torch.tensor([5]))

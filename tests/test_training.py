@@ -380,3 +380,41 @@ def test_checkpoints_resume_only_under_the_same_training_settings(chat_file, tmp
     other = cli.run(tiny_config(chat_file, *base, "train.optimizer.lr=5e-4"), run_dir)
     assert other["train/resumed_from_step"] == 0
     assert list(tmp_path.glob("run/checkpoints-*/checkpoint-2"))
+
+
+def test_train_attention_serves_training_and_the_reference_but_is_not_saved(chat_file, tmp_path, monkeypatch):
+    """`train.attn_implementation` is the attention of the training steps and of the reference pass (so they
+    agree at step 0), names the reference cache, and stays out of the saved model."""
+    import deepalign.reference as reference_module
+    from deepalign.logprobs import unwrap
+    from deepalign.models import trained_model
+
+    seen: dict[str, set[str]] = {"train": set(), "reference": set()}
+    compute_loss, compute_reference = AlignmentTrainer.compute_loss, reference_module.compute_reference_logps
+
+    def spy_loss(self, model, *args, **kwargs):
+        seen["train"].add(unwrap(model).config._attn_implementation)
+        return compute_loss(self, model, *args, **kwargs)
+
+    def spy_reference(model, *args, **kwargs):
+        seen["reference"].add(model.config._attn_implementation)
+        return compute_reference(model, *args, **kwargs)
+
+    monkeypatch.setattr(AlignmentTrainer, "compute_loss", spy_loss)
+    monkeypatch.setattr(reference_module, "compute_reference_logps", spy_reference)
+    cfg = tiny_config(
+        chat_file,
+        "loss=constrained",
+        "train.max_steps=1",
+        "train.attn_implementation=eager",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
+    cli.run(cfg, tmp_path / "run")
+    assert seen == {"train": {"eager"}, "reference": {"eager"}}
+    saved = load_model(trained_model(validate(cfg).model, tmp_path / "run" / "model"))
+    assert saved.model.config._attn_implementation == "sdpa"  # generation keeps the model's own
+    # the reference cache is keyed by the attention it was computed with
+    loaded = load_model(validate(cfg).model)
+    sdpa = model_fingerprint(validate(cfg).model, loaded.source, loaded.model)
+    loaded.model.set_attn_implementation("eager")
+    assert model_fingerprint(validate(cfg).model, loaded.source, loaded.model) != sdpa

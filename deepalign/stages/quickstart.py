@@ -78,8 +78,9 @@ def harvest(ctx: RunContext, out: Path) -> dict[str, float]:
     q = ctx.config.quickstart
     loaded = ctx.model()
     tok = loaded.tokenizer
-    gen_cfg = dataclasses.replace(ctx.config.generation, batch_size=q.harvest_batch_size)
-    engine = make_engine(gen_cfg, loaded, model_path=ctx.model_path(), cache_dir=ctx.config.paths.cache_dir)
+    engine = make_engine(
+        ctx.config.generation, loaded, model_path=ctx.model_path(), cache_dir=ctx.config.paths.cache_dir
+    )
     refusals = refusal_templates()
     train_h = _split(q.harmful, "train", "quickstart.harmful")
     if q.eval_prompts:  # the user's own benchmark copy replaces the evaluation prompts

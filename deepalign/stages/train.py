@@ -84,6 +84,9 @@ def run_train(ctx: RunContext) -> dict[str, float]:
     log.info("training data: %s", stats)
 
     bf16 = train_bf16(cfg.train.bf16, next(model.parameters()).device, cfg.paths.cache_dir)
+    attention = cfg.train.attn_implementation
+    if attention:  # before the reference pass: policy and reference agree at step 0
+        model.set_attn_implementation(attention)
     reference = None
     if LOSSES.get(cfg.loss.name, "loss.name").needs_reference:  # cached: the reference is the initial model
         key = model_fingerprint(cfg.model, loaded.source, model, cfg.paths.cache_dir)
