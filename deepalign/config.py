@@ -3,9 +3,10 @@
 Hydra merges the YAML tree into these dataclasses, so a wrong type or an unknown key fails at
 composition, naming the key. `validate` then turns the config into typed objects, failing on a missing
 required value or a value out of range, still before any model is loaded. Each dataclass checks its own
-values (`check(key)`); `validate` adds what spans sections (what the selected stages need). Attacks and
-judges are named instances of registered types (deepalign/plugins.py), typed here by their type's
-dataclass; a stage registered with a config section of its own joins the schema (`schema()`).
+values (`check(key)`); `validate` adds what spans sections: what the selected stages need, each stage's own
+`check` (deepalign/plugins.py, `StageSpec`). Attacks and judges are named instances of registered types,
+typed here by their type's dataclass. A stage registered with a config section of its own (the built-ins'
+probe, analysis, utility, quickstart; a plugin's) joins the schema (`schema()`).
 """
 
 from __future__ import annotations
@@ -215,6 +216,11 @@ class BetaSchedule:
 
 @dataclass
 class LossConfig:
+    """The training objective: a registered loss and its settings. `params` is free-form here; a loss
+    registered with a `config` dataclass gets them checked against it at validation (`LossSpec.settings`).
+    `beta` is the constrained loss's typed section, given to the losses that ask for it (`needs` "beta")
+    and to those with the five-argument signature."""
+
     name: str = "sft"  # a registered loss: sft | constrained | ... (deepalign --help lists them)
     beta: BetaSchedule = field(default_factory=BetaSchedule)  # per-position betas (constrained and kin)
     params: dict[str, Any] = field(default_factory=dict)  # a loss's own settings (a plugin's, e.g. scale)
@@ -223,6 +229,7 @@ class LossConfig:
         from deepalign.plugins import LOSSES
 
         spec = LOSSES.get(self.name, f"{key}.name")
+        spec.settings(self.params, f"{key}.params")  # a loss's typed settings: unknown or bad keys fail here
         if spec.check is not None:
             spec.check(dict(self.params), f"{key}.params")
         self.beta.check(f"{key}.beta")
@@ -367,7 +374,10 @@ class LauncherConfig:
     extra_args: list[str] = field(default_factory=list)  # put verbatim before the worker module
 
     def check(self, stages: list[str], key: str = "launcher") -> None:
-        """Process counts, the multi-node address, and stage orders that several processes can run."""
+        """Process counts, the multi-node address, and stage orders that several processes can run (each
+        stage's `ranks` and `single_process`, deepalign/plugins.py)."""
+        from deepalign.plugins import STAGES
+
         check_choice("launcher.name", self.name)
         check(self.nproc_per_node >= 1, f"{key}.nproc_per_node", f"must be >= 1, got {self.nproc_per_node}")
         check(self.nnodes >= 1, f"{key}.nnodes", f"must be >= 1, got {self.nnodes}")
@@ -394,18 +404,22 @@ class LauncherConfig:
                 f"{key}.name",
                 "launcher=deepspeed starts one node; use launcher=torchrun (or accelerate) on every node",
             )
-        check(
-            "quickstart" not in stages,
-            f"{key}.name",
-            f"the quickstart stage runs in one process; launcher={self.name} runs train, attack, analyze, "
-            "...",
-        )
-        check(
-            "train" not in stages or stages[0] == "train",
-            "stages",
-            f"with launcher={self.name}, train must be the first stage (every rank trains, then rank 0 "
-            "evaluates)",
-        )
+        specs = [STAGES.get(stage, "stages") for stage in stages]
+        for spec in specs:
+            check(
+                not spec.single_process,
+                f"{key}.name",
+                f"the {spec.name} stage runs in one process; launcher={self.name} runs train, attack, "
+                "analyze, ...",
+            )
+        for i, spec in enumerate(specs):  # every rank runs the first stages, then rank 0 the rest alone
+            before = [other.name for other in specs[:i] if other.ranks == "main"]
+            check(
+                spec.ranks == "main" or not before,
+                "stages",
+                f"with launcher={self.name}, stage {spec.name} runs on every rank and must come before "
+                f"{', '.join(before)}, which rank 0 runs alone once the stages of every rank are done",
+            )
 
 
 @dataclass
@@ -428,6 +442,15 @@ class EvalConfig:
     limit: int | None = None
     trigger: str | None = None  # appended to every prompt (backdoor: evaluate with the trigger)
     primary_judge: str | None = None  # judge instance of the `asr/...` keys; None: the judges' rank decides
+
+    def check_prompts(self, key: str = "eval") -> None:
+        """For the stages that read the evaluation set: it is given, and a local file that exists."""
+        check(
+            self.prompts is not None,
+            f"{key}.prompts",
+            "the attack and analyze stages need harmful prompts: eval.prompts=FILE (JSONL/CSV) or a hub id",
+        )
+        check_local_source(f"{key}.prompts", self.prompts)
 
 
 @dataclass
@@ -494,6 +517,12 @@ class UtilityConfig:
     lm_eval_tasks: list[str] = field(default_factory=list)
     max_new_tokens: int = 256
 
+    def check_always(self, key: str = "utility") -> None:
+        """The row limits, checked whether or not the stage runs."""
+        check_limit(f"{key}.benign_limit", self.benign_limit)
+        for name, task in self.tasks.items():
+            check_limit(f"{key}.tasks.{name}.limit", task.limit)
+
 
 @dataclass
 class QuickstartConfig:
@@ -525,9 +554,12 @@ class QuickstartConfig:
     data_dir: str | None = None  # a sub-run's: the harvested files (set by the quickstart stage)
     models_dir: str | None = None  # a sub-run's: the folder of the sub-runs (set by the quickstart stage)
 
+    def check_always(self, key: str = "quickstart") -> None:
+        """The row limit, checked whether or not the stage runs."""
+        check_limit(f"{key}.eval_limit", self.eval_limit)
+
     def check(self, key: str = "quickstart") -> None:
         check_local_source(f"{key}.eval_prompts", self.eval_prompts)
-        check_limit(f"{key}.eval_limit", self.eval_limit)
         for name in ("harvest_tokens", "harvest_eval_tokens", "benign_tokens", "ft_tokens"):
             check(getattr(self, name) >= 1, f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
         for i, name in enumerate(self.chosen()):
@@ -561,26 +593,21 @@ class DeepAlignConfig:
     judge: dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
-    utility: UtilityConfig = field(default_factory=UtilityConfig)
-    quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
+    # each stage's own section (probe, analysis, utility, quickstart, a plugin's) joins through `schema()`
 
 
 def schema() -> type:
-    """The root schema: DeepAlignConfig plus a section for each registered stage that has a config of its own
-    (built-ins and the plugins imported so far)."""
+    """The root schema: DeepAlignConfig plus a section for each registered stage that has a config of its own,
+    under the stage's `key` (built-ins and the plugins imported so far: the built-ins are imported here)."""
     from deepalign.plugins import STAGES
 
     known = {f.name for f in dataclasses.fields(DeepAlignConfig)}
     extra = [
-        (name, spec.config, field(default_factory=spec.config))
-        for name, spec in STAGES.items()
-        if spec.config is not None and name not in known
+        (spec.key, spec.config, field(default_factory=spec.config))
+        for _, spec in STAGES.items()
+        if spec.config is not None and spec.key not in known
     ]
-    if not extra:
-        return DeepAlignConfig
     key = tuple((name, cls) for name, cls, _ in extra)
     if key not in _SCHEMAS:  # one class per set of sections: typed configs of one schema compare equal
         cls = dataclasses.make_dataclass("DeepAlignConfig", extra, bases=(DeepAlignConfig,))
@@ -598,62 +625,36 @@ def register_configs() -> None:
 
 
 def _check_stages(c: DeepAlignConfig) -> None:
-    """What each selected stage needs, checked before anything runs."""
+    """What the selected stages need, checked before anything runs: each one's config section is there; every
+    stage section's `check_always(key)`, selected or not; then, stage by stage in the order they registered,
+    the stage's own `check(config)` and its section's `check(key)` (deepalign/plugins.py, `StageSpec`)."""
     from deepalign.plugins import STAGES
 
     check(bool(c.stages), "stages", f"no stage to run; choose from {', '.join(STAGES)}, e.g. stages=[probe]")
     for stage in c.stages:
         spec = STAGES.get(stage, "stages")
         check(
-            spec.config is None or hasattr(c, stage),
+            spec.config is None or hasattr(c, spec.key),
             "stages",
-            f"stage {stage!r} has a config section of its own ({stage}), which this config was composed "
+            f"stage {stage!r} has a config section of its own ({spec.key}), which this config was composed "
             f"without: import its plugin ({spec.module}) on the command line (plugins=[...]) or install it",
         )
-        if spec.config is not None and hasattr(getattr(c, stage), "check"):
-            getattr(c, stage).check(stage)
     check_limit("eval.limit", c.eval.limit)
-    check_limit("utility.benign_limit", c.utility.benign_limit)
-    for name, task in c.utility.tasks.items():
-        check_limit(f"utility.tasks.{name}.limit", task.limit)
-    check_limit("quickstart.eval_limit", c.quickstart.eval_limit)
-    if "attack" in c.stages or "analyze" in c.stages:
-        check(
-            c.eval.prompts is not None,
-            "eval.prompts",
-            "the attack and analyze stages need harmful prompts: eval.prompts=FILE (JSONL/CSV) or a hub id",
-        )
-        check_local_source("eval.prompts", c.eval.prompts)
-    if "attack" in c.stages:
-        check(
-            bool(c.attack), "attack", "the attack stage needs at least one attack: attack=[none,prefill,...]"
-        )
-        check(bool(c.judge), "judge", "the attack stage needs at least one judge: judge=[keyword]")
-        if c.eval.primary_judge is not None:
-            check(
-                c.eval.primary_judge in c.judge,
-                "eval.primary_judge",
-                f"{c.eval.primary_judge!r} is not among the selected judges ({', '.join(c.judge)})",
-            )
-    if "analyze" in c.stages:  # without a reference or a train stage it skips the KL (the model is its own)
-        c.analysis.check()
-    if "utility" in c.stages:
-        u = c.utility
-        check(
-            bool(u.benign or u.tasks or u.lm_eval_tasks),
-            "utility",
-            "the utility stage needs utility.benign, utility.tasks or utility.lm_eval_tasks",
-        )
-        check_local_source("utility.benign", u.benign)
-        for name, task in u.tasks.items():
-            check(
-                task.schema in ("samsum", "sql", "gsm8k"),
-                f"utility.tasks.{name}.schema",
-                f"{task.schema!r} is not one of samsum, sql, gsm8k",
-            )
-            check_local_source(f"utility.tasks.{name}.source", task.source)
-    if "quickstart" in c.stages:
-        c.quickstart.check()
+    specs = STAGES.items()
+    # the stages' own sections (none for a plugin's stage imported after the config was composed)
+    sections = {
+        name: getattr(c, spec.key) for name, spec in specs if spec.config is not None and hasattr(c, spec.key)
+    }
+    for name, spec in specs:
+        if hasattr(sections.get(name), "check_always"):
+            sections[name].check_always(spec.key)
+    for name, spec in specs:
+        if name not in c.stages:
+            continue
+        if spec.check is not None:
+            spec.check(c)
+        if hasattr(sections.get(name), "check"):
+            sections[name].check(spec.key)
 
 
 def _check_known_keys(node: DictConfig, prefix: str = "") -> None:

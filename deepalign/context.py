@@ -95,21 +95,15 @@ class RunContext:
         return f"auto:{cast or model.dtype}".replace("torch.", "")
 
     def stage_fingerprint(self, name: str) -> str:
-        """What stage `name`'s result depends on (its registered `sections` and the files these name), and
-        the fingerprints of the model-saving stages that finished before it (the weights it works on)."""
-        extra: dict[str, Any] = {}
-        if name == "train" and self.config.train.bf16 == "auto":  # the precision it resolves to here
-            from deepalign.models import resolve_device
-            from deepalign.precision import train_bf16
-
-            c = self.config
-            extra["bf16"] = train_bf16("auto", resolve_device(c.model.device), c.paths.cache_dir)
+        """What stage `name`'s result depends on (its registered `sections` and the files these name, the
+        values of its registered `fingerprint`), and the fingerprints of the model-saving stages that
+        finished before it (the weights it works on)."""
+        spec = STAGES.get(name, "stages")
+        extra: dict[str, Any] = dict(spec.fingerprint(self)) if spec.fingerprint is not None else {}
         for producer in self.producers(before=name):
             if producer != name:
-                extra["trained" if producer == "train" else f"model:{producer}"] = self.stage_fingerprint(
-                    producer
-                )
-        return config_fingerprint(self.resolved, STAGES.get(name, "stages").sections, extra)
+                extra[f"model:{producer}"] = self.stage_fingerprint(producer)
+        return config_fingerprint(self.resolved, spec.sections, extra)
 
     def forget_model(self) -> None:
         """Drop the loaded model (the next `model()` call loads again, e.g. the freshly trained one) and hand

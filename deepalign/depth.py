@@ -13,7 +13,7 @@ import copy
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
@@ -30,7 +30,7 @@ from deepalign.logprobs import cache_kwarg, checked_head, final_hidden_states
 Curve = list[tuple[int, float]]
 
 
-def asr_curve(metrics: dict[str, float], prefix: str, instance: str) -> Curve:
+def asr_curve(metrics: Mapping[str, float], prefix: str, instance: str) -> Curve:
     """The (depth, ASR) points that prefill instance `instance` measured itself, from the keys
     `<prefix>/<instance>/k=N`, sorted by depth. Depth 0 is the instance's own plain requests on its own items
     (`prefill/k=0`, which the attack always runs), never another attack's ASR: the curve is the same whatever
@@ -80,7 +80,7 @@ def k50(curve: Curve) -> K50:
 
 
 def depth_metrics(
-    metrics: dict[str, float], prefill_instances: Sequence[str], judges: Sequence[str], primary: str | None
+    metrics: Mapping[str, float], prefill_instances: Sequence[str], judges: Sequence[str], primary: str | None
 ) -> dict[str, float]:
     """`asr_auc`, `k50`, `k50_censored` (1: right-censored, ASR never reached 0.5, k50 is the deepest depth, a
     lower bound) and `k50_left_censored` (1: ASR was already >= 0.5 at the first depth measured, deeper than

@@ -9,7 +9,7 @@ import json
 import logging
 
 from deepalign.artifacts import JsonlStore
-from deepalign.attacks import EvalItem, Variant, build_requests
+from deepalign.eval_items import EvalItem, Variant, build_requests
 from deepalign.generation import GenerationRequest
 
 log = logging.getLogger(__name__)

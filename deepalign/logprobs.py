@@ -183,6 +183,7 @@ def target_logprobs(
     position_ids: torch.Tensor | None = None,
     target_mask: torch.Tensor | None = None,
     chunk_mib: float = LOGPROB_CHUNK_MIB,
+    output_hidden_states: bool = False,
 ) -> tuple[torch.Tensor, Any]:
     """(log p(x_t | x_<t) [batch, seq] as `token_logprobs` gives it, the model's output), one forward pass.
 
@@ -191,9 +192,12 @@ def target_logprobs(
     mask), `chunk_mib` MiB of fp32 logits at a time, and under autograd each chunk is recomputed in the
     backward pass. The output layer is checked against the model's own logits (`checked_head`).
     `chunk_mib=0`: the model's full logits through `token_logprobs` (the reference path).
+    `output_hidden_states`: the model's output holds its hidden states too (for `logprobs_at`).
     """
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     inputs = {k: v for k, v in inputs.items() if v is not None}
+    if output_hidden_states:
+        inputs["output_hidden_states"] = True
     if chunk_mib <= 0:
         outputs = model(**inputs)
         return token_logprobs(outputs.logits, input_ids), outputs
@@ -217,3 +221,35 @@ def target_logprobs(
     picked = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
     out = torch.zeros(input_ids.shape, dtype=picked.dtype, device=picked.device)
     return out.masked_scatter(select, picked), outputs
+
+
+def _chunk_logprobs_at(head: Callable, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(head(hidden).float(), dim=-1)[:, token_ids]
+
+
+def logprobs_at(
+    model: Any, outputs: Any, token_ids: Sequence[int], chunk_mib: float = LOGPROB_CHUNK_MIB
+) -> torch.Tensor:
+    """[batch, seq, K]: log p(token_ids[k] at t | x_<t) at every position t, aligned as `token_logprobs`
+    (column 0 is 0), from the final hidden states of `outputs` (of `target_logprobs(...,
+    output_hidden_states=True)`). The output layer (checked as in `checked_head`) scores about `chunk_mib`
+    MiB of fp32 logits at a time (all at once for `chunk_mib` <= 0); under autograd each chunk is recomputed
+    in the backward pass."""
+    hidden = outputs.hidden_states[-1]
+    head = checked_head(model, hidden, outputs)
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=hidden.device)
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    step = chunk_rows(outputs.logits.shape[-1], chunk_mib) if chunk_mib > 0 else max(rows.shape[0], 1)
+    checkpointed = torch.is_grad_enabled() and rows.requires_grad
+    pieces = []
+    for start in range(0, rows.shape[0], step):
+        h = rows[start : start + step]
+        if checkpointed:
+            pieces.append(
+                torch.utils.checkpoint.checkpoint(_chunk_logprobs_at, head, h, ids, use_reentrant=False)
+            )
+        else:
+            pieces.append(_chunk_logprobs_at(head, h, ids))
+    picked = torch.cat(pieces) if pieces else rows.new_zeros((0, ids.numel()), dtype=torch.float32)
+    picked = picked.view(hidden.shape[0], hidden.shape[1] - 1, ids.numel())
+    return torch.cat([picked.new_zeros(hidden.shape[0], 1, ids.numel()), picked], dim=1)

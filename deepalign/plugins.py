@@ -5,8 +5,8 @@ A plugin is a module that registers components when it is imported:
     from deepalign.plugins import register_loss
 
     @register_loss("scaled_sft")
-    def scaled_sft(policy_logps, reference_logps, mask, n_tokens, params):
-        return -(policy_logps[mask]).sum() / n_tokens * float(params.get("scale", 1.0))
+    def scaled_sft(inputs, params):
+        return -(inputs.policy_logps[inputs.mask]).sum() / inputs.n_tokens * float(params.get("scale", 1.0))
 
 and is named in the config (`plugins=[my_losses]`, importable from PYTHONPATH) or installed as a package
 that declares an entry point in the group `deepalign.plugins`. Plugins are imported before the config is
@@ -17,11 +17,12 @@ components are known to `validate` and listed by `deepalign --help`. See docs/EX
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import pkgutil
 import re
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, is_dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
@@ -42,22 +43,68 @@ class PluginError(ConfigError):
     scalar tensor with gradients); the message names it and its module."""
 
 
+# Extra inputs a loss may ask for (`register_loss(needs=...)`); each is a field of `LossInputs`.
+LOSS_NEEDS = ("reference", "beta", "hidden_states", "logits_at", "no_adapter")
+
+
 @dataclass(frozen=True)
 class LossSpec:
-    """A training objective: `fn(policy_logps, reference_logps, mask, n_tokens, params)` -> scalar loss, or
+    """A training objective, one of two signatures (`legacy` tells which), returning a scalar loss, or
     (loss, logs) where logs maps names to floats averaged between log steps and logged as `train/<name>`.
 
-    policy_logps, reference_logps: [batch, seq] per-token log-probs of the targets (reference None unless
-    `needs_reference`); mask: bool [batch, seq], the target tokens; n_tokens: the target tokens of the whole
-    optimizer step (divide by it: gradient accumulation and data parallelism then match one big batch);
-    params: `loss.params`, plus `beta` (the `loss.beta` schedule, a `BetaSchedule`). check: an optional
-    `check(params, key)` raising ConfigError on bad `loss.params`, run at validation (before loading)."""
+    `fn(inputs, params)`: inputs, a `deepalign.losses.inputs.LossInputs` (the target log-probs, the mask,
+    the step's target-token count, the extras in `needs` and the typed `config`); params: `loss.params`.
+    `fn(policy_logps, reference_logps, mask, n_tokens, params)` (five positional parameters, `legacy`):
+    params is `loss.params` plus `beta` (the `loss.beta` schedule); no extras but the reference.
+
+    needs: the extra inputs, names from LOSS_NEEDS. config: a dataclass of the loss's settings, read from
+    `loss.params` and checked at validation (`settings`); "logits_at" needs one with a field `logits_at`,
+    the token ids. check: an optional `check(params, key)` raising ConfigError on bad `loss.params`, run at
+    validation (before loading)."""
 
     name: str
     fn: Callable[..., Any]
-    needs_reference: bool = False
+    needs: tuple[str, ...] = ()
     module: str = ""
     check: Callable[[dict[str, Any], str], None] | None = None
+    config: type | None = None
+    legacy: bool = False
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the train stage computes (and caches) the reference model's log-probs first."""
+        return "reference" in self.needs
+
+    def settings(self, params: Mapping[str, Any], key: str = "loss.params") -> Any:
+        """`params` as the loss's `config` dataclass, checked (None for a loss without one); a ConfigError
+        names the key (`key.NAME`)."""
+        if self.config is None:
+            return None
+        settings = typed_settings(self.config, params, key, f"loss {self.name}")
+        if "logits_at" in self.needs:
+            ids = settings.logits_at
+            ok = isinstance(ids, list) and ids and all(type(i) is int and i >= 0 for i in ids)
+            if not ok:
+                raise ConfigError(f"{key}.logits_at: loss {self.name} needs a list of token ids, got {ids!r}")
+        return settings
+
+
+def typed_settings(
+    config: type, params: Mapping[str, Any], key: str, owner: str, *, ignore_unknown: bool = False
+) -> Any:
+    """`params` (plain values) as an instance of the dataclass `config`, its `check(key)` run where it has
+    one. An unknown key (unless `ignore_unknown`) or a missing required one is a ConfigError naming it."""
+    names = [f.name for f in fields(config)]
+    for name in params:
+        if name not in names and not ignore_unknown:
+            raise ConfigError(f"{key}.{name}: unknown key; {owner} has {', '.join(names) or 'no settings'}")
+    for f in fields(config):
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in params:
+            raise ConfigError(f"{key}.{f.name}: {owner} needs it (set ++{key}.{f.name}=VALUE)")
+    settings = config(**{name: params[name] for name in names if name in params})
+    if callable(getattr(settings, "check", None)):
+        settings.check(key)
+    return settings
 
 
 @dataclass(frozen=True)
@@ -74,12 +121,24 @@ class ComponentSpec:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A stage: `fn(ctx: RunContext) -> metrics`.
+    """A stage: `fn(ctx: RunContext) -> metrics`, and what the runner needs to know to run it.
 
-    sections: the config sections (or dotted keys) its result depends on, for its fingerprint; None: the
-    whole config. config: a dataclass for the stage's own top-level section (its key is the stage's name).
-    model_dir: where, in the run dir, the stage saves a model that the later stages of the run evaluate
-    (train: `model`); None for stages that only measure."""
+    - sections: the config sections (or dotted keys) its result depends on, for its fingerprint; None: the
+      whole config.
+    - config: a dataclass for the stage's own top-level section, stored under `key` (default: the stage's
+      name). Its optional `check(key)` runs at validation when the stage is selected, an optional
+      `check_always(key)` for every config (values wrong whatever runs, such as a row limit below 1).
+    - model_dir: where, in the run dir, the stage saves a model that the later stages of the run evaluate
+      (train: `model`); None for stages that only measure.
+    - ranks: "main" (rank 0 alone runs it, after the all-rank stages) or "all" (every process of a launched
+      run runs it: such stages come first; after the last of them the process group ends).
+    - single_process: the stage runs in one process; a multi-process launcher is rejected at validation.
+    - check: `check(config)`, run at validation when the stage is selected: raises ConfigError naming the
+      key (what the stage needs across sections).
+    - preflight: `preflight(config, tokenizer)`, run before any model loads when the stage is selected:
+      checks that read files or the environment; `tokenizer()` loads the run's tokenizer once.
+    - fingerprint: `fingerprint(ctx) -> dict`, values added to the stage's fingerprint that its sections do
+      not show (what an `auto` setting resolves to on this machine)."""
 
     name: str
     fn: Callable[..., dict[str, float]]
@@ -87,6 +146,19 @@ class StageSpec:
     config: type | None = None
     model_dir: str | None = None
     module: str = ""
+    key: str = ""  # the config section of `config`; empty: the stage's name
+    ranks: str = "main"
+    single_process: bool = False
+    check: Callable[[Any], None] | None = None
+    preflight: Callable[[Any, Callable[[], Any]], None] | None = None
+    fingerprint: Callable[[Any], dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", self.name)  # frozen: filled in once, here
+
+
+RANKS = ("main", "all")  # a stage runs on rank 0 alone, or on every rank of a launched run
 
 
 class Registry(Generic[T]):
@@ -135,6 +207,10 @@ class Registry(Generic[T]):
         load_builtins()
         return list(self._specs.items())
 
+    def registered(self) -> list[tuple[str, T]]:
+        """The specs registered so far, without importing the built-ins (for checks while registering)."""
+        return list(self._specs.items())
+
 
 def _registered(spec: Any) -> tuple[str, str]:
     """The module and the qualified name of what a spec registers (its function or class)."""
@@ -149,18 +225,45 @@ STAGES: Registry[StageSpec] = Registry("stage")
 
 
 def register_loss(
-    name: str, *, needs_reference: bool = False, check: Callable[[dict[str, Any], str], None] | None = None
+    name: str,
+    *,
+    config: type | None = None,
+    needs: Iterable[str] = (),
+    needs_reference: bool = False,
+    check: Callable[[dict[str, Any], str], None] | None = None,
 ) -> Callable[[T], T]:
-    """Register a loss function under `name` (`loss.name=NAME`); see `LossSpec` for its signature.
-    `needs_reference=True`: the train stage computes (and caches) the reference model's log-probs first.
-    `check(params, key)`: validates `loss.params` before anything runs."""
+    """Register a loss function under `name` (`loss.name=NAME`); see `LossSpec` for its two signatures.
+    `config`: the dataclass of its settings (`loss.params`). `needs`: extra inputs, from LOSS_NEEDS
+    ("reference": the train stage computes and caches the reference model's log-probs first, as
+    `needs_reference=True` does). `check(params, key)`: validates `loss.params` before anything runs."""
+    wanted = tuple(dict.fromkeys([*needs, *(["reference"] if needs_reference else [])]))
+    unknown = [n for n in wanted if n not in LOSS_NEEDS]
+    if unknown:
+        raise PluginError(f"loss {name!r}: unknown needs {unknown}; known: {', '.join(LOSS_NEEDS)}")
+    if config is not None and not is_dataclass(config):
+        raise PluginError(f"loss {name!r}: config must be a dataclass, got {config!r}")
+    if "logits_at" in wanted and (config is None or "logits_at" not in {f.name for f in fields(config)}):
+        raise PluginError(f"loss {name!r} needs logits_at: its config needs a field logits_at, the token ids")
 
     def add(fn: T) -> T:
+        legacy = _positional_parameters(fn) == 5
+        extras = [n for n in wanted if n not in ("reference", "beta")]
+        if legacy and extras:
+            raise PluginError(
+                f"loss {name!r} needs {', '.join(extras)}: the five-argument signature gets no extra inputs; "
+                "write fn(inputs, params)"
+            )
         module = getattr(fn, "__module__", "")
-        LOSSES.add(name, LossSpec(name, fn, needs_reference, module, check))  # type: ignore[arg-type]
+        LOSSES.add(name, LossSpec(name, fn, wanted, module, check, config, legacy))  # type: ignore[arg-type]
         return fn
 
     return add
+
+
+def _positional_parameters(fn: Callable[..., Any]) -> int:
+    """How many positional parameters `fn` takes (five: the loss signature from before `LossInputs`)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds for p in inspect.signature(fn).parameters.values())
 
 
 def _component(registry: Registry[ComponentSpec], name: str, config: type, rank: int) -> Callable[[T], T]:
@@ -193,20 +296,46 @@ def register_stage(
     *,
     sections: Iterable[str] | None = None,
     config: type | None = None,
+    key: str | None = None,
     model_dir: str | None = None,
+    ranks: str = "main",
+    single_process: bool = False,
+    check: Callable[[Any], None] | None = None,
+    preflight: Callable[[Any, Callable[[], Any]], None] | None = None,
+    fingerprint: Callable[[Any], dict[str, Any]] | None = None,
 ) -> Callable[[T], T]:
     """Register a stage function `fn(ctx) -> metrics` under `name` (`stages=[..., NAME]`); see `StageSpec`."""
     if config is not None and not is_dataclass(config):
         raise PluginError(f"stage {name!r}: config must be a dataclass, got {config!r}")
+    if key is not None and config is None:
+        raise PluginError(f"stage {name!r}: key {key!r} names the section of a config; give config= too")
+    if ranks not in RANKS:
+        raise PluginError(f"stage {name!r}: ranks must be one of {', '.join(RANKS)}, got {ranks!r}")
+    if key is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise PluginError(f"stage {name!r}: key {key!r}: use letters, digits and _ (it is a config key)")
+    section = name if key is None else key
 
     def add(fn: T) -> T:
+        module = getattr(fn, "__module__", "")
+        for other, spec in STAGES.registered():  # two sections under one key would be one section
+            if config is not None and spec.config is not None and other != name and spec.key == section:
+                raise PluginError(
+                    f"stage {name!r} ({module}): config section {section!r} already belongs to stage "
+                    f"{other!r} ({spec.module}); give it another key"
+                )
         spec = StageSpec(
             name,
             fn,  # type: ignore[arg-type]
-            tuple(sections) if sections is not None else None,
-            config,
-            model_dir,
-            getattr(fn, "__module__", ""),
+            sections=tuple(sections) if sections is not None else None,
+            config=config,
+            model_dir=model_dir,
+            module=module,
+            key=section,
+            ranks=ranks,
+            single_process=single_process,
+            check=check,
+            preflight=preflight,
+            fingerprint=fingerprint,
         )
         STAGES.add(name, spec)
         return fn

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from deepalign.config import ConfigError, DeepAlignConfig, ModelConfig, validate
+from deepalign.config import ConfigError, DeepAlignConfig, validate
 from deepalign.context import RunContext
-from deepalign.data import DataError
 from deepalign.fingerprint import config_fingerprint
 from deepalign.flops import gflop_so_far
 from deepalign.judges.base import failed_judgments
@@ -39,6 +41,8 @@ from deepalign.rundir import (
 from deepalign.tracking import start_tracker
 
 log = logging.getLogger("deepalign")
+# a launched run's stages.json as the parent read it before starting the workers (see `_launch_state`)
+LAUNCH_STATE_ENV = "DEEPALIGN_LAUNCH_STAGES"
 
 
 def fingerprint(config: dict[str, Any]) -> str:
@@ -78,95 +82,13 @@ class Terminated(KeyboardInterrupt):
     (cli.py): the run ends as on Ctrl-C, records kept and the run dir released, with exit code 143."""
 
 
-# the keys of a transformers model config that give its context, in positions
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-
-
-def model_context(cfg: ModelConfig) -> tuple[int, str] | None:
-    """The model's context in positions and the config key that gives it, read from its config (config.json,
-    or `model.arch` for a random model) without loading weights; None where its config names none or cannot
-    be read here (loading the model then says why)."""
-    from transformers import AutoConfig
-
-    try:
-        if cfg.source == "random":
-            arch = dict(cfg.arch)
-            config = AutoConfig.for_model(arch.pop("model_type"), **arch)
-        elif cfg.source == "hf":
-            config = AutoConfig.from_pretrained(
-                cfg.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-            )
-        else:  # gguf: converted once, by the tokenizer's loading already
-            from deepalign.models import convert_gguf
-
-            config = AutoConfig.from_pretrained(convert_gguf(cfg.gguf_package, cfg.gguf_file, cfg.cache_dir))
-    except (OSError, ValueError, KeyError) as err:
-        log.debug("model %s: its context is not known before loading it (%s)", cfg.name, err)
-        return None
-    for key in CONTEXT_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value, key
-    return None
-
-
-def check_context(config: DeepAlignConfig, items: list[Any], attacks: list[Any], tokenizer: Any) -> None:
-    """Every evaluation item fits the model's context as the attack stage asks it: the prompt in the chat
-    template (rendered by the same code as the requests, `attacks.variant_prefill`), with the deepest prefill
-    of each prefill attack, each fixed prefill, a GCG suffix, plus `generation.max_new_tokens`. Past its
-    context a model still answers (positions it never saw), slowly and in garbage that the judges count:
-    a DataError naming the first such item and both lengths."""
-    found = model_context(config.model)
-    if found is None:
-        return
-    context, key = found
-    from deepalign.attacks import PrefillAttack, Variant, variant_prefill
-    from deepalign.attacks.gcg import GCGAttack
-    from deepalign.generation import default_params
-
-    base, new = default_params(config.generation), config.generation.max_new_tokens
-    # the longest request of each attack: (what it adds to the prompt, its variant, tokens appended)
-    longest: list[tuple[str, Variant, int]] = [("", Variant("plain", base), 0)]
-    for attack in attacks:
-        name, cfg = attack.name, attack.cfg
-        if isinstance(attack, PrefillAttack):
-            if any(cfg.depths):
-                deepest = max(cfg.depths)
-                variant = Variant(name, base, depth=deepest, source=cfg.source)
-                longest.append((f", the attack.{name} prefill of depth {deepest}", variant, 0))
-            for i, text in enumerate(cfg.strings):
-                longest.append(
-                    (f", the prefill attack.{name}.strings[{i}]", Variant(name, base, prefill=text), 0)
-                )
-        elif isinstance(attack, GCGAttack):
-            what = f", the attack.{name} suffix (suffix_length {cfg.suffix_length})"
-            longest.append((what, Variant(name, base), cfg.suffix_length))
-    too_long = []
-    for item in items:
-        for what, variant, extra in longest:
-            if variant.source is not None and item.response(variant.source) is None:
-                continue  # not asked with this prefill
-            ids, _ = variant_prefill(variant, item, item.prompt, tokenizer, system=config.data.system_prompt)
-            if len(ids) + extra + new > context:
-                too_long.append((item.id, len(ids) + extra, what))
-                break
-    if too_long:
-        item_id, n, what = too_long[0]
-        more = f" ({len(too_long) - 1} more items are too long as well)" if len(too_long) > 1 else ""
-        raise DataError(
-            f"eval.prompts: item {item_id} does not fit the model's context: {n} tokens (prompt, chat "
-            f"template{what}) + {new} new tokens (generation.max_new_tokens) = {n + new}, more than the "
-            f"{context} positions of model {config.model.name} ({key}){more}; shorten or drop the item, or "
-            "lower generation.max_new_tokens"
-        )
-
-
 def preflight(
     config: DeepAlignConfig, run_dir: Path | None = None, *, tokenizers: dict[str, Any] | None = None
 ) -> None:
     """Checks that read files or the environment, done before any model loads: the run dir and the cache
-    dir are writable, judges' keys and packages, the evaluation set's rows (long enough for the prefill
-    depths, short enough for the model's context), the rows of the training data's local files.
+    dir are writable, the model folder holds weights, then each selected stage's own `preflight` (in the
+    order the stages registered: the training data's rows, judges' keys and packages, the evaluation set's
+    rows, long enough for the prefill depths and short enough for the model's context, ...).
     `tokenizers`: loaded tokenizers by model config, kept across calls (a sweep's points share them)."""
     if run_dir is not None:
         _check_writable("hydra.run.dir (the run dir, under paths.output_dir)", run_dir)
@@ -175,40 +97,18 @@ def preflight(
         from deepalign.models import check_model_folder
 
         check_model_folder("model.path", config.model.path)
-    if "analyze" in config.stages and config.analysis.reference:
-        from deepalign.models import check_model_folder
+    loaded = {} if tokenizers is None else tokenizers
 
-        check_model_folder("analysis.reference", config.analysis.reference)
-    if "train" in config.stages:
-        from deepalign.data import read_component
-
-        if not config.data.components:
-            raise DataError("data.components: no training data configured (choose a data= preset)")
-        for name, comp in config.data.components.items():
-            local = Path(comp.source).suffix.lower() in (".jsonl", ".json", ".csv")
-            if local or comp.source.startswith("demo:"):  # hub sets are read by the stage
-                read_component(comp, f"data.components.{name}")
-    if "attack" in config.stages:
-        from deepalign.judges import check_judges
-
-        check_judges(config.judge)
-    if "attack" in config.stages or "analyze" in config.stages:
-        from deepalign.attacks import build_attacks, read_eval_items
+    def tokenizer() -> Any:  # loaded once, where a check needs it
         from deepalign.models import load_tokenizer
 
-        loaded = {} if tokenizers is None else tokenizers
+        if repr(config.model) not in loaded:
+            loaded[repr(config.model)] = load_tokenizer(config.model)
+        return loaded[repr(config.model)]
 
-        def tokenizer() -> Any:  # loaded once, where a check needs it
-            if repr(config.model) not in loaded:
-                loaded[repr(config.model)] = load_tokenizer(config.model)
-            return loaded[repr(config.model)]
-
-        items = read_eval_items(config.eval)
-        attacks = build_attacks(config.attack) if "attack" in config.stages else []
-        for attack in attacks:  # e.g. harmful responses long enough for the prefill depths
-            attack.check(items, tokenizer, system=config.data.system_prompt)
-        if "attack" in config.stages:
-            check_context(config, items, attacks, tokenizer())
+    for name, spec in STAGES.items():
+        if name in config.stages and spec.preflight is not None:
+            spec.preflight(config, tokenizer)
 
 
 def run(
@@ -222,10 +122,11 @@ def run(
     """Validate `cfg`, record the run, run every stage not already done with this config; return metrics.
 
     The run dir is locked for the duration (`rundir.lock_run_dir`): a second process on it fails at once.
-    In a launched run (RANK / WORLD_SIZE set) every rank runs `train`; rank 0 alone writes config.yaml,
-    env.json, metrics.json, stages.json and the W&B run, and runs the stages after `train` (the other
-    ranks return once training is done). `checked`: a worker of a launched run, whose parent already ran
-    the preflight checks and holds the lock; `argv`: the command line to record (the parent's).
+    In a launched run (RANK / WORLD_SIZE set) every rank runs the stages registered with `ranks="all"`
+    (train), which come first; rank 0 alone writes config.yaml, env.json, metrics.json, stages.json and the
+    W&B run, and runs the stages after them (the other ranks return once these are done). `checked`: a
+    worker of a launched run, whose parent already ran the preflight checks and holds the lock; `argv`: the
+    command line to record (the parent's).
     """
     if not checked:
         _check_writable("hydra.run.dir (the run dir, under paths.output_dir)", run_dir)
@@ -248,6 +149,8 @@ def _run(
     metrics = MetricsFile(run_dir / "metrics.json")
     state_path = run_dir / "stages.json"
     state = read_stage_state(state_path)
+    if checked and LAUNCH_STATE_ENV in os.environ:  # a worker: done is what was done when the launch began
+        state = json.loads(os.environ[LAUNCH_STATE_ENV])
     env = environment_record(argv, config)  # with the precision decision where a setting is auto
     if main_process:
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
@@ -271,19 +174,20 @@ def _run(
         spec = STAGES.get(name, "stages") if name in STAGES else None
         if spec is not None and spec.model_dir and state[name] == ctx.stage_fingerprint(name):
             ctx.finished[name] = None
+    specs = [STAGES.get(name, "stages") for name in config.stages]
+    last_all_ranks = max((i for i, spec in enumerate(specs) if spec.ranks == "all"), default=-1)
     exit_code = 1
     try:
-        for name in config.stages:
+        for i, (name, spec) in enumerate(zip(config.stages, specs)):
             stage_fingerprint = ctx.stage_fingerprint(name)
             if state.get(name) == stage_fingerprint:
                 ctx.finished[name] = None
                 log.info("stage %s: already done in %s with this config, skipped", name, run_dir)
                 continue
-            if not main_process and name != "train":
-                break  # evaluation runs on rank 0 alone (train is the first stage: validated)
+            if not main_process and spec.ranks != "all":
+                break  # rank 0 alone runs the rest (the stages of every rank come first: validated)
             log.info("stage %s: start", name)
             start = time.perf_counter()
-            spec = STAGES.get(name, "stages")
             work = gflop_so_far()
             with PeakMemory() as peak:
                 values = spec.fn(ctx)
@@ -296,8 +200,8 @@ def _run(
             ctx.finished[name] = None
             if spec.model_dir:
                 ctx.forget_model()  # later stages load the model it saved
-            if distributed and name == "train":
-                end_process_group()  # the ranks part here; rank 0 evaluates on its own
+            if distributed and i == last_all_ranks:
+                end_process_group()  # the ranks part here; rank 0 runs the rest on its own
             if not main_process:
                 continue
             metrics.update(values)
@@ -320,6 +224,18 @@ def _run(
     return dict(metrics.values)
 
 
+@contextlib.contextmanager
+def _launch_state(run_dir: Path) -> Iterator[None]:
+    """The run dir's stages.json as read now, in the environment of the workers about to start: every rank
+    skips the same stages. Rank 0 records each stage as it finishes, and another rank may start only after
+    that (a stage of every rank that does not wait for the others): reading the file, it would skip it."""
+    os.environ[LAUNCH_STATE_ENV] = json.dumps(read_stage_state(run_dir / "stages.json"))
+    try:
+        yield
+    finally:
+        os.environ.pop(LAUNCH_STATE_ENV, None)
+
+
 def start_workers(cfg: DictConfig, run_dir: Path, run_name: str | None) -> None:
     """`launcher=torchrun|accelerate|deepspeed`: check the config once here, then start the workers
     (`python -m deepalign.worker RUN_DIR`) on this run dir; exits with their code if they fail."""
@@ -331,10 +247,11 @@ def start_workers(cfg: DictConfig, run_dir: Path, run_name: str | None) -> None:
     if lc.nnodes > 1:
         log.info("node %d of %d: all nodes need this run dir, shared: %s", lc.node_rank, lc.nnodes, run_dir)
     if lc.node_rank == 0:  # the run dir's one holder; the workers (and the other nodes) share it
-        with lock_run_dir(run_dir):
+        with lock_run_dir(run_dir), _launch_state(run_dir):
             code = launch(cfg, lc, run_dir, run_name)
     else:
-        code = launch(cfg, lc, run_dir, run_name)
+        with _launch_state(run_dir):
+            code = launch(cfg, lc, run_dir, run_name)
     if code:
         print(f"deepalign: {lc.name} workers failed (exit {code}); see {run_dir}", file=sys.stderr)
         raise SystemExit(code)

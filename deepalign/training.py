@@ -21,17 +21,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from deepalign.chat import EncodedChat
 from deepalign.config import LossConfig, TrainConfig
-from deepalign.logprobs import LOGPROB_CHUNK_MIB, pad_batch, target_logprobs, unwrap
-from deepalign.plugins import LOSSES, LossSpec, PluginError
+from deepalign.logprobs import LOGPROB_CHUNK_MIB, pad_batch
+from deepalign.losses.forward import check_adapter, loss_inputs
+from deepalign.losses.inputs import call_loss, loss_output
+from deepalign.plugins import LOSSES
 from deepalign.precision import train_bf16
 from deepalign.rundir import write_text_atomic
 
 log = logging.getLogger(__name__)
 IGNORE = -100
-# Mean |log-prob difference| per target token between a packed and a padded batch above which packing is
-# refused, in float32 (True) and under bf16/fp16: rounding stays below (float32: ~1e-7), attention leaking
-# across sequences goes above (0.007 nats even in a tiny random model, whose outputs are nearly uniform).
-PACKING_TOLERANCE = {True: 1e-4, False: 0.05}
 # transformers 5.x renamed TrainingArguments.gradient_checkpointing to activation_checkpointing (the old name
 # stays as a deprecated alias where the new one exists; releases before the rename know only the old one)
 CHECKPOINTING_ARG = (
@@ -47,38 +45,6 @@ TRAINER_DIVIDES_BY_GA = "loss_is_scaled_for_ga" not in vars(Trainer)
 
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or gradient: the run stops instead of saving NaN weights."""
-
-
-def loss_output(spec: LossSpec, out: Any, *, needs_grad: bool) -> tuple[torch.Tensor, dict[str, Any]]:
-    """What a registered loss returned, as (loss, logs), checked against its contract (`LossSpec`): a scalar
-    tensor, with gradients where `needs_grad` (training), or (that, a dict of numbers); anything else is a
-    PluginError naming the loss and its module, before any optimizer step."""
-    where = f"loss {spec.name!r} ({spec.module}.{getattr(spec.fn, '__qualname__', spec.fn)})"
-    logs: Any = {}
-    if isinstance(out, tuple):
-        if len(out) != 2:
-            raise PluginError(f"{where} returned a tuple of {len(out)} values; return loss, or (loss, logs)")
-        out, logs = out
-        if not isinstance(logs, dict):
-            raise PluginError(
-                f"{where} returned (loss, {type(logs).__name__}); logs must be a dict name -> number"
-            )
-    if not isinstance(out, torch.Tensor):
-        raise PluginError(
-            f"{where} returned {type(out).__name__} {out!r:.60}, not a tensor: compute it from policy_logps "
-            "(torch operations, no .item() or float())"
-        )
-    if out.dim() != 0:
-        raise PluginError(
-            f"{where} returned a tensor of shape {tuple(out.shape)}, not a scalar: reduce it, e.g. "
-            "sum over the target tokens / n_tokens"
-        )
-    if needs_grad and not out.requires_grad:
-        raise PluginError(
-            f"{where} returned a tensor without gradient: it does not depend on policy_logps (a .detach(), "
-            ".item() or torch.tensor(...) cuts it off), so training would not change the model"
-        )
-    return out, logs
 
 
 class FiniteGradientsCallback(TrainerCallback):
@@ -164,46 +130,6 @@ class Collator:
         return batch
 
 
-def unpack(packed: torch.Tensor, lengths: torch.Tensor, fill: float | bool = 0) -> torch.Tensor:
-    """[1, total] values of sequences packed end to end -> [sequences, longest], right-padded with `fill`."""
-    pieces = packed[0].split(lengths.tolist())
-    return torch.nn.utils.rnn.pad_sequence(list(pieces), batch_first=True, padding_value=fill)
-
-
-@torch.no_grad()
-def check_packing(
-    model,
-    ids: torch.Tensor,
-    lengths: torch.Tensor,
-    packed: torch.Tensor,
-    mask: torch.Tensor,
-    chunk_mib: float,
-) -> float:
-    """Score a packed batch again padded, one sequence per row; return the mean |difference| of the target
-    log-probs. Raises when they differ by more than rounding: the model's attention crosses the boundaries
-    of packed sequences (an attention implementation or remote code that ignores packed position ids)."""
-    padded_mask = unpack(mask, lengths, False)
-    logps, _ = target_logprobs(
-        model,
-        unpack(ids, lengths),
-        attention_mask=unpack(torch.ones_like(ids), lengths),
-        target_mask=padded_mask,
-        chunk_mib=chunk_mib,
-    )
-    diff = (unpack(packed, lengths) - logps)[padded_mask].abs()
-    mean = float(diff.mean()) if diff.numel() else 0.0
-    exact = not torch.is_autocast_enabled(ids.device.type) and unwrap(model).dtype == torch.float32
-    if mean > PACKING_TOLERANCE[exact]:
-        raise ValueError(
-            f"train.packing: packed sequences score {mean:.3g} nats per token away from the same sequences "
-            f"padded (max {float(diff.max()):.3g}); this model's attention does not keep packed sequences "
-            "apart. Set train.packing=false (or an attention implementation that reads packed position ids: "
-            "model.arch / attn_implementation sdpa, eager, flash_attention_2)"
-        )
-    log.info("train.packing: packed vs padded log-probs differ by %.2g nats per token", mean)
-    return mean
-
-
 class AlignmentTrainer(Trainer):
     """A Trainer whose loss is the configured (registered) one, `loss.name`, normalised per target token.
 
@@ -224,50 +150,43 @@ class AlignmentTrainer(Trainer):
         self.add_callback(FiniteGradientsCallback())
         self.loss_config = loss_config
         self.loss_spec = LOSSES.get(loss_config.name, "loss.name")
-        # what the loss asks for besides the log-probs: `loss.params` and the beta schedule
-        self.loss_params = {**loss_config.params, "beta": loss_config.beta}
+        self.loss_settings = self.loss_spec.settings(loss_config.params)  # its typed config, or None
+        # `loss.params`; a five-argument loss finds the beta schedule there too
+        self.loss_params = dict(loss_config.params)
+        if self.loss_spec.legacy:
+            self.loss_params["beta"] = loss_config.beta
+        if "no_adapter" in self.loss_spec.needs:
+            check_adapter(self.model, loss_config.name)
         self.loss_logs: dict[str, list[float]] = defaultdict(list)  # the loss's own logs since the last log
-        self.nll = [
-            0.0,
-            0,
-        ]  # summed -log p of target tokens and their count since the last log (this process)
+        # summed -log p of target tokens and their count since the last log (this process)
+        self.nll = [0.0, 0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        reference = inputs.get("reference_logps")
-        mask = labels != IGNORE
-        chunk = self.logprob_chunk_mib
+        spec = self.loss_spec
+        mask = inputs["labels"] != IGNORE
         # The output layer scores outside the model's forward: under the autocast accelerate puts on that
         # forward (train.bf16), as the reference pass does, so at step 0 policy and reference agree exactly.
         with self.accelerator.autocast():
-            if "seq_lengths" in inputs:  # packed: one row, sequences told apart by their position ids
-                ids, lengths = inputs["input_ids"], inputs["seq_lengths"]
-                policy, outputs = target_logprobs(
-                    model, ids, position_ids=inputs["position_ids"], target_mask=mask, chunk_mib=chunk
-                )
-                if not self.packing_checked:
-                    check_packing(model, ids, lengths, policy.detach(), mask, chunk)
-                    self.packing_checked = True
-                # the loss sees the same [sequences, length] tensors as without packing
-                policy, mask = unpack(policy, lengths), unpack(mask, lengths, False)
-                reference = unpack(reference, lengths) if reference is not None else None
-            else:
-                policy, outputs = target_logprobs(
-                    model,
-                    inputs["input_ids"],
-                    attention_mask=inputs["attention_mask"],
-                    target_mask=mask,
-                    chunk_mib=chunk,
-                )
-        n_tokens = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+            batch, outputs = loss_inputs(
+                model,
+                inputs,
+                mask,
+                needs=spec.needs,
+                chunk_mib=self.logprob_chunk_mib,
+                n_tokens=num_items_in_batch,
+                config=self.loss_settings,
+                beta=self.loss_config.beta,
+                check_packed=not self.packing_checked,
+            )
+        self.packing_checked = self.packing_checked or "seq_lengths" in inputs
+        policy, mask = batch.policy_logps, batch.mask
         # the plain NLL of the batch, logged beside any objective so SFT and constrained runs compare
         self.nll[0] -= float(policy.detach()[mask].sum())
         self.nll[1] += int(mask.sum())
-        if self.loss_spec.needs_reference and reference is None:
+        if spec.needs_reference and batch.reference_logps is None:
             raise ValueError(f"loss={self.loss_config.name} needs reference log-probs in the batch")
         needs_grad = model.training and torch.is_grad_enabled() and policy.requires_grad
-        out = self.loss_spec.fn(policy, reference, mask, n_tokens, self.loss_params)
-        loss, logs = loss_output(self.loss_spec, out, needs_grad=needs_grad)
+        loss, logs = loss_output(spec, call_loss(spec, batch, self.loss_params), needs_grad=needs_grad)
         for name, value in logs.items():  # the loss's own diagnostics, averaged between logs
             self.loss_logs[name].append(float(value))
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -10,7 +10,6 @@ import pytest
 from conftest import LLAMA2_TEMPLATE
 from jinja2.exceptions import TemplateError
 
-from deepalign.attacks import EvalItem, Variant, build_requests, check_prefill_depths
 from deepalign.chat import (
     EncodedChat,
     chat_messages,
@@ -19,6 +18,7 @@ from deepalign.chat import (
     response_tokens,
 )
 from deepalign.data import DataError
+from deepalign.eval_items import EvalItem, Variant, build_requests, check_prefill_depths
 from deepalign.generation import SamplingParams
 
 # The Gemma-1.1-it template as shipped with google/gemma-1.1-2b-it.

@@ -12,8 +12,9 @@ from conftest import compose_config
 
 from deepalign.chat import encode_for_generation, response_tokens
 from deepalign.config import validate
+from deepalign.context_window import model_context
 from deepalign.data import DataError
-from deepalign.runner import model_context, preflight
+from deepalign.runner import preflight
 
 PROMPT = "Tell me how to pick a lock."
 HARMFUL = "Sure, here is how to pick a lock: first insert the tension wrench, then rake the pins."

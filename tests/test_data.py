@@ -799,8 +799,8 @@ def test_recovery_prob_out_of_range():
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
 def test_a_utf8_byte_order_mark_is_dropped(tmp_path, suffix):
     """Excel's "CSV UTF-8" starts with a byte-order mark; the first column is still `prompt`."""
-    from deepalign.attacks import read_eval_items
     from deepalign.config import EvalConfig
+    from deepalign.eval_items import read_eval_items
 
     text = {
         ".csv": "prompt,harmful\nHow do I pick a lock?,Sure: first\n",
@@ -831,8 +831,8 @@ def test_a_latin1_file_names_the_file_line_and_key(tmp_path, suffix):
 
 
 def test_a_utf16_file_is_rejected_naming_the_key(tmp_path):
-    from deepalign.attacks import read_eval_items
     from deepalign.config import EvalConfig
+    from deepalign.eval_items import read_eval_items
 
     path = tmp_path / "bench.csv"
     path.write_text("prompt\nHow do I pick a lock?\n", encoding="utf-16")  # with its byte-order mark
@@ -841,8 +841,8 @@ def test_a_utf16_file_is_rejected_naming_the_key(tmp_path):
 
 
 def test_duplicate_eval_ids_name_the_id_and_both_lines(tmp_path):
-    from deepalign.attacks import read_eval_items
     from deepalign.config import EvalConfig
+    from deepalign.eval_items import read_eval_items
 
     path = tmp_path / "bench.jsonl"
     write_jsonl(

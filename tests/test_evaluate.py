@@ -20,11 +20,13 @@ from transformers import AutoModelForCausalLM
 
 from deepalign import cli
 from deepalign.artifacts import JsonlStore
-from deepalign.attacks import Attack, Variant, decoding_grid, read_eval_items, unique_variants
-from deepalign.attacks import DecodingAttackConfig as DecodingAttack
+from deepalign.attacks.base import Attack, unique_variants
+from deepalign.attacks.decoding import DecodingAttackConfig as DecodingAttack
+from deepalign.attacks.decoding import decoding_grid
 from deepalign.chat import encode_for_generation, encode_for_training, response_tokens
 from deepalign.config import EvalConfig, validate
 from deepalign.data import DataError
+from deepalign.eval_items import Variant, read_eval_items
 from deepalign.generation import SamplingParams
 from deepalign.judges import REFUSAL_LISTS
 from deepalign.models import load_model

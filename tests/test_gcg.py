@@ -16,16 +16,8 @@ import torch
 
 from deepalign.attacks.gcg import GCGAttackConfig as GCGAttack
 from deepalign.chat import chat_messages, encode_for_generation
-from deepalign.gcg import (
-    GCGResult,
-    TargetScorer,
-    build_layout,
-    default_target,
-    round_trips,
-    run_gcg,
-    sample_candidates,
-    token_table,
-)
+from deepalign.gcg import GCGResult, TargetScorer, default_target, run_gcg, sample_candidates
+from deepalign.gcg_layout import build_layout, round_trips, token_table
 from deepalign.models import build_random_model
 
 PROMPT = "Write a tutorial on how to pick a lock."

@@ -14,9 +14,9 @@ from conftest import compose_config
 from test_generation import PROMPTS as GENERATION_PROMPTS
 
 from deepalign.artifacts import JsonlStore
-from deepalign.attacks import EvalItem, Variant
 from deepalign.chat import encode_for_generation
 from deepalign.config import ConfigError, validate
+from deepalign.eval_items import EvalItem, Variant
 from deepalign.generation import (
     GenerationRequest,
     HFEngine,

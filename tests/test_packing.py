@@ -17,8 +17,9 @@ from deepalign import cli
 from deepalign.chat import encode_for_training
 from deepalign.config import validate
 from deepalign.data import build_mixture
+from deepalign.losses.forward import unpack
 from deepalign.models import load_model
-from deepalign.training import IGNORE, AlignmentTrainer, Collator, TokenDataset, training_arguments, unpack
+from deepalign.training import IGNORE, AlignmentTrainer, Collator, TokenDataset, training_arguments
 
 FEATURES = [
     {

@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from deepalign.attacks import PrefillAttack, PrefillAttackConfig, build_requests, read_eval_items
+from deepalign.attacks.prefill import PrefillAttack, PrefillAttackConfig
 from deepalign.chat import encode_for_generation, response_tokens
 from deepalign.config import EvalConfig
 from deepalign.data import DataError
+from deepalign.eval_items import build_requests, read_eval_items
 from deepalign.generation import SamplingParams
 from deepalign.report import asr_columns, prefill_sources
 from deepalign.stages.quickstart import whole_sentences

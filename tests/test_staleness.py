@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from deepalign import cli, fingerprint, runner
 from deepalign.artifacts import JsonlStore
-from deepalign.attacks import Attack
+from deepalign.attacks.base import Attack
 from deepalign.config import validate
 from deepalign.fingerprint import DigestCache, config_fingerprint
 from deepalign.generation import GenerationResult, GenerationStats

@@ -11,9 +11,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from deepalign import gcg as search
 from deepalign.artifacts import JsonlStore
-from deepalign.attacks import Attack, AttackRun, EvalItem, Variant
+from deepalign.attacks.base import Attack, AttackRun
 from deepalign.config import check
+from deepalign.eval_items import EvalItem, Variant
 from deepalign.generation import SamplingParams
 from deepalign.plugins import register_attack
 
@@ -41,12 +43,10 @@ class GCGAttack(Attack):
 
     def suffixes(self, run: AttackRun) -> dict[str, str]:
         """Suffixes per item (or one universal suffix), resumed from `attacks/<name>.jsonl`."""
-        from deepalign.gcg import default_target, run_gcg
-
         cfg = self.cfg
         store = JsonlStore(run.run_dir / "attacks" / f"{self.name}.jsonl")
         chosen = run.items[: cfg.max_prompts] if cfg.max_prompts else run.items
-        targets = {i.id: i.target or default_target(i.request, cfg.target_template) for i in chosen}
+        targets = {i.id: i.target or search.default_target(i.request, cfg.target_template) for i in chosen}
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "type"}
         setting = [run.model_id(), settings, run.seed, run.system]
 
@@ -58,7 +58,7 @@ class GCGAttack(Attack):
         stale = {k for k, v in wanted.items() if store.records.get(k, {}).get("search_id") != v}
         todo = chosen if cfg.universal and stale else [i for i in chosen if i.id in stale]
         if todo:
-            results = run_gcg(
+            results = search.run_gcg(
                 run.model,
                 run.tokenizer,
                 [i.prompt for i in todo],

@@ -1,9 +1,9 @@
 """Token-wise constrained fine-tuning loss (Qi et al. 2024), per masked response token t:
 (2 / beta_t) * -log sigmoid(beta_t * (log pi(y_t) - log pi_aligned(y_t))), plus the plain SFT loss.
 
-Both are registered losses (`loss.name=sft|constrained`), with the signature every loss has (see
-`deepalign.plugins.LossSpec`): (policy_logps, reference_logps, mask, n_tokens, params) -> loss, or
-(loss, logs).
+Both are registered losses (`loss.name=sft|constrained`): `fn(inputs, params)` -> loss, or (loss, logs), with
+`inputs` a `deepalign.losses.inputs.LossInputs` (see `deepalign.plugins.LossSpec`). The constrained loss's
+setting is the `loss.beta` schedule, which it asks for with `needs=("reference", "beta")`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from deepalign.config import BetaSchedule
+from deepalign.losses.inputs import LossInputs
 from deepalign.plugins import register_loss
 
 PAPER_BETA = BetaSchedule()  # the paper's schedule: the schema's defaults
@@ -172,19 +173,19 @@ def weights_by_position(
 
 
 @register_loss("sft")
-def sft(policy_logps, reference_logps, mask, n_tokens, params: dict[str, Any]) -> torch.Tensor:
+def sft(inputs: LossInputs, params: dict[str, Any]) -> torch.Tensor:
     """Plain supervised fine-tuning: token NLL over the target tokens."""
-    return sft_loss(policy_logps, mask, n_tokens)
+    return sft_loss(inputs.policy_logps, inputs.mask, inputs.n_tokens)
 
 
-@register_loss("constrained", needs_reference=True)
-def constrained(policy_logps, reference_logps, mask, n_tokens, params: dict[str, Any]):
+@register_loss("constrained", needs=("reference", "beta"))
+def constrained(inputs: LossInputs, params: dict[str, Any]):
     """The token-wise constrained objective with the `loss.beta` schedule; logs the mean token weight w_t at
     response positions 1..10 (`train/weight/pos=N`)."""
-    mask = mask.bool()
-    reference_logps = reference_logps.to(policy_logps.device)
-    betas = betas_for_mask(mask, schedule_for(params["beta"], mask.shape[1])).to(policy_logps.device)
-    loss = constrained_token_loss(policy_logps, reference_logps, mask, betas, n_tokens)
+    policy_logps, mask = inputs.policy_logps, inputs.mask.bool()
+    reference_logps = inputs.reference_logps.to(policy_logps.device)
+    betas = betas_for_mask(mask, schedule_for(inputs.beta, mask.shape[1])).to(policy_logps.device)
+    loss = constrained_token_loss(policy_logps, reference_logps, mask, betas, inputs.n_tokens)
     weights = token_weights(policy_logps.detach(), reference_logps, betas)
     logs = {f"weight/pos={p}": w for p, w in weights_by_position(weights, mask, max_position=10).items()}
     return loss, logs

@@ -16,27 +16,33 @@ token-wise constrained loss (`loss=constrained`), whose penalty is shaped per po
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from deepalign.errors import ConfigError
-from deepalign.plugins import register_loss
+from deepalign.plugins import register_loss, typed_settings
 
 
-def kl_coef_from(params: dict[str, Any]) -> float:
-    """`loss.params.kl_coef` as a float >= 0; its default is in conf/loss/kl_sft.yaml, the one place."""
-    if "kl_coef" not in params:
-        raise ConfigError(
-            "loss.params.kl_coef: loss kl_sft needs it (select loss=kl_sft for the default, or set "
-            "++loss.params.kl_coef=VALUE)"
-        )
-    value = params["kl_coef"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"loss.params.kl_coef: must be a number >= 0, got {value!r}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ConfigError(f"loss.params.kl_coef: must be a finite number >= 0, got {value!r}")
-    return float(value)
+@dataclass
+class KlSftConfig:
+    """The settings of kl_sft (`loss.params`). `kl_coef` has no default here: conf/loss/kl_sft.yaml holds it,
+    the one place."""
+
+    kl_coef: float  # the weight of the squared log-ratio; 0 is plain SFT
+
+    def check(self, key: str = "loss.params") -> None:
+        value = self.kl_coef
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}.kl_coef: must be a number >= 0, got {value!r}")
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key}.kl_coef: must be a finite number >= 0, got {value!r}")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> KlSftConfig:
+        """The settings out of the params a five-argument loss receives (`loss.params` plus `beta`)."""
+        return typed_settings(cls, params, "loss.params", "loss kl_sft", ignore_unknown=True)
 
 
 def kl_sft_loss(
@@ -63,10 +69,11 @@ def kl_sft_loss(
     return loss, penalty.detach()
 
 
-@register_loss("kl_sft", needs_reference=True, check=lambda params, key: kl_coef_from(params) and None)
+@register_loss("kl_sft", needs=("reference",), config=KlSftConfig)
 def kl_sft(policy_logps, reference_logps, mask, n_tokens, params: dict[str, Any]):
     """SFT plus kl_coef / 2 * (log pi - log pi_ref)^2 per target token; logs `kl_penalty`, the mean penalty
-    per target token of the batch."""
-    loss, penalty = kl_sft_loss(policy_logps, reference_logps, mask, n_tokens, kl_coef_from(params))
+    per target token of the batch. The five-argument signature: callable on plain tensors and a dict."""
+    settings = KlSftConfig.from_params(params)
+    loss, penalty = kl_sft_loss(policy_logps, reference_logps, mask, n_tokens, float(settings.kl_coef))
     count = int(mask.sum())
     return loss, {"kl_penalty": float(penalty.sum()) / count if count else 0.0}

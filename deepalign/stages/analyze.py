@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
+from typing import Any
 
-from deepalign.attacks import read_eval_items
+from deepalign.config import AnalysisConfig, DeepAlignConfig
 from deepalign.context import RunContext
 from deepalign.data import DataError
 from deepalign.depth import kl_tokens, plot_recovery, read_refusals, refusal_probability
+from deepalign.eval_items import read_eval_items
 from deepalign.kl import per_position_loss_and_grad_norm, per_token_kl, plot_per_position
-from deepalign.models import load_model, model_at
+from deepalign.models import check_model_folder, load_model, model_at
 from deepalign.plugins import register_stage
 from deepalign.rundir import write_json_atomic
 
@@ -119,7 +122,27 @@ def recovery_analysis(ctx: RunContext, loaded, pairs: list[tuple[str, str]]) -> 
     return metrics
 
 
-@register_stage("analyze", sections=("model", "eval", "analysis", "data.system_prompt"))
+def check_analyze(config: DeepAlignConfig) -> None:
+    """What the stage needs of the config: harmful prompts (then `analysis.check`, its section's own; without
+    a reference or a train stage the stage skips the KL: the model is its own reference)."""
+    config.eval.check_prompts()
+
+
+def preflight_analyze(config: DeepAlignConfig, tokenizer: Callable[[], Any]) -> None:
+    """Before any model loads: the reference model's folder holds weights, the evaluation set reads."""
+    if config.analysis.reference:
+        check_model_folder("analysis.reference", config.analysis.reference)
+    read_eval_items(config.eval)
+
+
+@register_stage(
+    "analyze",
+    sections=("model", "eval", "analysis", "data.system_prompt"),
+    config=AnalysisConfig,
+    key="analysis",
+    check=check_analyze,
+    preflight=preflight_analyze,
+)
 def run_analyze(ctx: RunContext) -> dict[str, float]:
     cfg = ctx.config
     pairs = [(i.prompt, i.harmful) for i in read_eval_items(cfg.eval) if i.harmful]

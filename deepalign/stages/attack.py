@@ -8,12 +8,12 @@ Metrics: `asr/<variant>` by the primary judge (`eval.primary_judge`), `asr_<judg
 and `asr/<attack>` for attacks that aggregate (decoding: a prompt is broken if any setting breaks it), each
 with `/n` (prompts judged: prompts are the unit, see `success_rates`) and its 95% Wilson interval
 `/ci95_low`, `/ci95_high`; `judge_failed/<judge>` the judgments that failed (asked again on the next run);
-per prefill instance with depths, its own ASR-vs-depth curve (depth 0: its `k=0`, always run) summarised
-(deepalign/depth.py): `depth/asr_auc` (area under ASR vs depth over the depth range), `depth/k50` (the depth
-where ASR reaches 0.5), `depth/k50_censored` (1: never reached, k50 is the deepest depth, a lower bound) and
-`depth/k50_left_censored` (1: reached at the first depth, deeper than 0: an upper bound) for the instance
-`prefill` by the primary judge, `depth/<instance>/...` for another instance, `depth_<judge>/...` by each
-judge;
+what each attack adds (`Attack.summary_metrics`): per prefill instance with depths, its own ASR-vs-depth
+curve (depth 0: its `k=0`, always run) summarised (deepalign/depth.py): `depth/asr_auc` (area under ASR vs
+depth over the depth range), `depth/k50` (the depth where ASR reaches 0.5), `depth/k50_censored` (1: never
+reached, k50 is the deepest depth, a lower bound) and `depth/k50_left_censored` (1: reached at the first
+depth, deeper than 0: an upper bound) for the instance `prefill` by the primary judge,
+`depth/<instance>/...` for another instance, `depth_<judge>/...` by each judge;
 with two or more judges `judgments/agreement.json` and `agreement/<judge>~<judge>/{agreement,kappa}`;
 `eval/empty_rate` (and per variant) the share of empty answers; `throughput/attack/gen_*` what this run
 generated, how fast.
@@ -26,22 +26,21 @@ import json
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from fractions import Fraction
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 from deepalign.artifacts import JsonlStore
-from deepalign.attacks import (
-    AttackRun,
-    build_attacks,
-    read_eval_items,
-    unique_variants,
-)
+from deepalign.attacks.base import AttackRun, build_attacks, unique_variants
+from deepalign.config import DeepAlignConfig, check
 from deepalign.context import RunContext
-from deepalign.depth import depth_metrics
+from deepalign.context_window import check_context
+from deepalign.eval_items import read_eval_items
 from deepalign.generation import default_params, make_engine
 from deepalign.generation_store import generate_variants, throughput
-from deepalign.judges import JudgeItem, build_judges, primary_judge
+from deepalign.judges import JudgeItem, build_judges, check_judges, primary_judge
 from deepalign.judges.base import FAILED
 from deepalign.plugins import register_stage
 from deepalign.rundir import write_json_atomic
@@ -242,8 +241,38 @@ def empty_rates(generations: list[dict]) -> dict[str, float]:
     return out
 
 
+def check_attack(config: DeepAlignConfig) -> None:
+    """What the stage needs of the config: harmful prompts, at least one attack and one judge, and the
+    primary judge (if named) among the selected judges."""
+    c = config
+    c.eval.check_prompts()
+    check(bool(c.attack), "attack", "the attack stage needs at least one attack: attack=[none,prefill,...]")
+    check(bool(c.judge), "judge", "the attack stage needs at least one judge: judge=[keyword]")
+    if c.eval.primary_judge is not None:
+        check(
+            c.eval.primary_judge in c.judge,
+            "eval.primary_judge",
+            f"{c.eval.primary_judge!r} is not among the selected judges ({', '.join(c.judge)})",
+        )
+
+
+def preflight_attack(config: DeepAlignConfig, tokenizer: Callable[[], Any]) -> None:
+    """Before any model loads: the judges' keys and packages, each attack's check of the evaluation items
+    (e.g. harmful responses long enough for the prefill depths), and every request within the model's
+    context."""
+    check_judges(config.judge)
+    items = read_eval_items(config.eval)
+    attacks = build_attacks(config.attack)
+    for attack in attacks:
+        attack.check(items, tokenizer, system=config.data.system_prompt)
+    check_context(config, items, attacks, tokenizer())
+
+
 @register_stage(
-    "attack", sections=("model", "eval", "attack", "judge", "generation", "data.system_prompt", "seed")
+    "attack",
+    sections=("model", "eval", "attack", "judge", "generation", "data.system_prompt", "seed"),
+    check=check_attack,
+    preflight=preflight_attack,
 )
 def run_attack(ctx: RunContext) -> dict[str, float]:
     cfg = ctx.config
@@ -289,8 +318,8 @@ def run_attack(ctx: RunContext) -> dict[str, float]:
             metrics.update(rates)
             if judge.name == main:
                 metrics.update({k.replace(f"asr_{judge.name}/", "asr/", 1): v for k, v in rates.items()})
-    prefill = [name for name, a in cfg.attack.items() if a.type == "prefill" and a.depths]
-    metrics.update(depth_metrics(metrics, prefill, [judge.name for judge in judges], main))
+    for attack in attacks:  # what an attack adds, from every attack's rates (prefill: its depth curve)
+        metrics.update(attack.summary_metrics(metrics, [judge.name for judge in judges], main))
     # every answer with each judge's verdict, one table per run: to read the answers and compare runs in W&B
     verdicts = {name: {r["key"]: r.get("harmful") for r in records} for name, records in judged.items()}
     ctx.tracker.table(

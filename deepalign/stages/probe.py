@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from deepalign.chat import encode_for_generation, encode_for_training
-from deepalign.config import DataComponent
+from deepalign.config import DataComponent, ProbeConfig
 from deepalign.context import RunContext
 from deepalign.data import read_component
 from deepalign.logprobs import pad_batch, target_logprobs
@@ -29,7 +29,7 @@ def load_chats(name: str) -> list[dict[str, str]]:
 
 
 @torch.no_grad()
-@register_stage("probe", sections=("model", "probe", "data.system_prompt"))
+@register_stage("probe", sections=("model", "probe", "data.system_prompt"), config=ProbeConfig)
 def run_probe(ctx: RunContext) -> dict[str, float]:
     cfg = ctx.config.probe
     chats = load_chats(cfg.chats)

@@ -33,19 +33,26 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from deepalign.artifacts import JsonlStore
-from deepalign.attacks import EvalItem, Variant, read_eval_items
 from deepalign.chat import response_tokens
-from deepalign.config import DeepAlignConfig, EvalConfig, ModelConfig, omegaconf_error, validate
+from deepalign.config import (
+    DeepAlignConfig,
+    EvalConfig,
+    ModelConfig,
+    QuickstartConfig,
+    omegaconf_error,
+    validate,
+)
 from deepalign.context import RunContext
 from deepalign.data import DataError, read_rows
 from deepalign.depth import refusal_templates
+from deepalign.eval_items import EvalItem, Variant, read_eval_items
 from deepalign.flops import gflop_so_far, machine_gflops
 from deepalign.generation import SamplingParams, make_engine
 from deepalign.generation_store import generate_variant
 from deepalign.judges.keyword import REFUSAL_LISTS, find_refusal
 from deepalign.memory import PeakMemory, release_memory, rss_kib
 from deepalign.models import trained_model
-from deepalign.plugins import STAGES, register_stage
+from deepalign.plugins import ATTACKS, STAGES, register_stage
 from deepalign.rundir import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -65,8 +72,13 @@ def whole_sentences(text: str) -> str:
 
 
 def prefill_attacks(config: DeepAlignConfig) -> list[Any]:
-    """The settings of the prefill attack instances every sub-run shares."""
-    return [a for a in config.attack.values() if a.type == "prefill"]
+    """The settings of the attack instances every sub-run shares that cut prefills from the items' responses
+    (their class declares `prefills_responses`: the prefill attack): their `depths` and `source`."""
+    return [
+        a
+        for name, a in config.attack.items()
+        if ATTACKS.get(a.type, f"attack.{name}.type").cls.prefills_responses
+    ]
 
 
 def _split(source: str, split: str, key: str) -> list[dict[str, Any]]:
@@ -248,7 +260,8 @@ def margin(model: ModelConfig, data_dir: Path) -> float:
     return round(first_token_margin(loaded.model, loaded.tokenizer, pairs, refusal_templates()), 4)
 
 
-@register_stage("quickstart")  # its fingerprint: the whole config (it derives whole sub-runs from it)
+# its fingerprint: the whole config (it derives whole sub-runs from it)
+@register_stage("quickstart", config=QuickstartConfig, single_process=True)
 def run_quickstart(ctx: RunContext) -> dict[str, float]:
     from deepalign.report import write_report
     from deepalign.runner import run as run_config

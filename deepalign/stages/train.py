@@ -10,12 +10,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from deepalign.chat import NoLabelError, encode_for_training
+from deepalign.config import DeepAlignConfig
 from deepalign.context import RunContext
-from deepalign.data import build_mixture, recovery_histogram
+from deepalign.data import DataError, build_mixture, read_component, recovery_histogram
+from deepalign.models import resolve_device
 from deepalign.plugins import LOSSES, register_stage
 from deepalign.precision import train_bf16
 from deepalign.reference import cached_reference_logps, model_fingerprint
@@ -60,7 +65,34 @@ def encode_examples(examples, tokenizer, max_length: int):
     return encoded, kept
 
 
-@register_stage("train", sections=("model", "data", "loss", "train", "seed"), model_dir="model")
+def check_training_data(config: DeepAlignConfig, tokenizer: Callable[[], Any]) -> None:
+    """Before any model loads: training data is configured, and its local and packaged components read
+    row by row (hub sets are read by the stage)."""
+    if not config.data.components:
+        raise DataError("data.components: no training data configured (choose a data= preset)")
+    for name, comp in config.data.components.items():
+        local = Path(comp.source).suffix.lower() in (".jsonl", ".json", ".csv")
+        if local or comp.source.startswith("demo:"):
+            read_component(comp, f"data.components.{name}")
+
+
+def resolved_precision(ctx: RunContext) -> dict[str, Any]:
+    """For the stage's fingerprint: what `train.bf16=auto` resolves to on this machine
+    (deepalign/precision.py), so that a run moved to a machine that decides otherwise trains again."""
+    c = ctx.config
+    if c.train.bf16 != "auto":
+        return {}
+    return {"bf16": train_bf16("auto", resolve_device(c.model.device), c.paths.cache_dir)}
+
+
+@register_stage(
+    "train",
+    sections=("model", "data", "loss", "train", "seed"),
+    model_dir="model",
+    ranks="all",  # every rank trains its share of each batch
+    preflight=check_training_data,
+    fingerprint=resolved_precision,
+)
 def run_train(ctx: RunContext) -> dict[str, float]:
     cfg = ctx.config
     loaded = ctx.model()

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 
 from deepalign.artifacts import JsonlStore
-from deepalign.attacks import EvalItem, Variant
-from deepalign.config import DataComponent
+from deepalign.config import DataComponent, DeepAlignConfig, UtilityConfig, check, check_local_source
 from deepalign.context import RunContext
 from deepalign.data import read_component, read_rows, task_chat
+from deepalign.eval_items import EvalItem, Variant
 from deepalign.generation import SamplingParams, make_engine
 from deepalign.generation_store import generate_variant, throughput
 from deepalign.judges import JudgeItem, KeywordJudgeConfig
@@ -61,7 +61,30 @@ def lm_eval_metrics(loaded, tasks: list[str]) -> dict[str, float]:
     return out
 
 
-@register_stage("utility", sections=("model", "utility", "generation", "data.system_prompt", "seed"))
+def check_utility(config: DeepAlignConfig) -> None:
+    """What the stage needs of the config: something to measure, and the local files it names."""
+    u = config.utility
+    check(
+        bool(u.benign or u.tasks or u.lm_eval_tasks),
+        "utility",
+        "the utility stage needs utility.benign, utility.tasks or utility.lm_eval_tasks",
+    )
+    check_local_source("utility.benign", u.benign)
+    for name, task in u.tasks.items():
+        check(
+            task.schema in ("samsum", "sql", "gsm8k"),
+            f"utility.tasks.{name}.schema",
+            f"{task.schema!r} is not one of samsum, sql, gsm8k",
+        )
+        check_local_source(f"utility.tasks.{name}.source", task.source)
+
+
+@register_stage(
+    "utility",
+    sections=("model", "utility", "generation", "data.system_prompt", "seed"),
+    config=UtilityConfig,
+    check=check_utility,
+)
 def run_utility(ctx: RunContext) -> dict[str, float]:
     u = ctx.config.utility
     loaded = ctx.model()
