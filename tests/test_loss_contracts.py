@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import tiny_config, write_chats
+from test_training import tiny_config, tiny_overrides, write_chats
 
 from deepalign import plugins
 from deepalign.chat import encode_for_training
@@ -77,14 +77,7 @@ def cli_losses(folder: Path, chat_file: Path, run_dir: Path, *extra: str) -> lis
         "-m",
         "deepalign",
         "plugins=[hidden_l2]",
-        "model=tiny",
-        "logger=none",
-        "stages=[train]",
-        "data=chat_file",
-        f"data.components.chat.source={chat_file}",
-        "data.max_length=64",
-        "train.per_device_batch_size=4",
-        "train.optimizer.lr=1e-3",
+        *tiny_overrides(chat_file),
         "train.max_steps=3",
         f"paths.cache_dir={run_dir.parent / 'cache'}",
         f"hydra.run.dir={run_dir}",

@@ -59,20 +59,22 @@ def chat_file(tmp_path_factory) -> Path:
     return write_chats(tmp_path_factory.mktemp("data") / "chats.jsonl")
 
 
+def tiny_overrides(chat_file: Path) -> list[str]:
+    """Training the tiny model on `chat_file`: the command-line overrides the training tests share."""
+    return [
+        "model=tiny",
+        "logger=none",
+        "stages=[train]",
+        "data=chat_file",
+        f"data.components.chat.source={chat_file}",
+        "data.max_length=64",
+        "train.per_device_batch_size=4",
+        "train.optimizer.lr=1e-3",
+    ]
+
+
 def tiny_config(chat_file: Path, *overrides: str):
-    return compose_config(
-        [
-            "model=tiny",
-            "logger=none",
-            "stages=[train]",
-            "data=chat_file",
-            f"data.components.chat.source={chat_file}",
-            "data.max_length=64",
-            "train.per_device_batch_size=4",
-            "train.optimizer.lr=1e-3",
-            *overrides,
-        ]
-    )
+    return compose_config([*tiny_overrides(chat_file), *overrides])
 
 
 def micro_batch_gradients(
