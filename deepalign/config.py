@@ -30,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer.name": ("adamw",),
     "generation.backend": ("hf", "vllm"),
     "generation.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "analysis.dtype": ("float32", "auto", "bfloat16"),
     "generation.cache": ("dynamic", "static"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
@@ -272,6 +273,9 @@ class TrainConfig:
     deepspeed: str | None = None  # zero2 | zero3 (launchers/zero*.json) | a path to a DeepSpeed JSON config
     save_steps: int = 0  # checkpoint every N steps (a restarted run resumes from the last); 0: none
     save_total_limit: int | None = 2
+    # with save_steps: also a checkpoint (optimizer state included) after the last step, to train on from it;
+    # false: the last one is the last multiple of save_steps (the trained model is saved either way)
+    final_checkpoint: bool = True
     logging_steps: int = 1
     batch_size_reference: int = 8  # batch size of the reference log-prob pass
     # MiB of fp32 logits scored at a time (policy and reference log-probs; 0: the model's full logits)
@@ -468,8 +472,12 @@ class AnalysisConfig:
     recovery_depths: list[int] = field(default_factory=lambda: [0, 5, 10, 20, 40])
     recovery_tokens: int = 2  # the refusal's first tokens whose probability is taken
     refusals: str | None = None  # JSON list of strings or JSONL with `refusal`; None: the packaged templates
+    # the per-token KL and the recovery curve: float32 (exact), bfloat16 (autocast), or auto: bf16 autocast
+    # where the machine's precision decision says it is faster (deepalign/precision.py), as generation.dtype
+    dtype: str = "float32"
 
     def check(self, key: str = "analysis") -> None:
+        check_choice(f"{key}.dtype", self.dtype, CHOICES["analysis.dtype"])
         check(self.positions >= 1, f"{key}.positions", f"must be >= 1, got {self.positions}")
         check(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.grad_positions >= 0, f"{key}.grad_positions", f"must be >= 0, got {self.grad_positions}")

@@ -66,6 +66,16 @@ class FiniteGradientsCallback(TrainerCallback):
         )
 
 
+class NoFinalCheckpoint(TrainerCallback):
+    """`train.final_checkpoint=false`: no checkpoint after the last step (the Trainer writes one there
+    whatever save_steps says; the train stage saves the trained model itself)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+        return control
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """Tokenized examples, each with its cached reference log-probs when the loss needs them."""
 
@@ -401,7 +411,8 @@ def train(
         train_dataset=dataset,
         data_collator=Collator(tokenizer.pad_token_id, packing=cfg.packing),
         processing_class=tokenizer,
-        callbacks=[TrackerCallback(tracker), TokensAtStart()],
+        callbacks=[TrackerCallback(tracker), TokensAtStart()]
+        + ([] if cfg.final_checkpoint else [NoFinalCheckpoint()]),
         loss_config=loss,
         logprob_chunk_mib=cfg.logprob_chunk_mib,
     )

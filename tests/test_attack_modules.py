@@ -150,3 +150,38 @@ def test_the_prefill_attacks_give_the_depth_metrics_of_their_instances():
         added.update(attack.summary_metrics(metrics, judges, primary))
     assert added == depth_metrics(metrics, ["prefill", "own"], judges, primary)
     assert {"depth/asr_auc", "depth/own/k50", "depth_keyword/asr_auc", "depth_rubric/own/k50"} <= set(added)
+
+
+def test_gcg_searches_in_the_engines_precision_and_keys_its_suffixes_by_it(
+    tiny_model_config, tmp_path, monkeypatch
+):
+    """The GCG search runs under the autocast the answers are generated in; a suffix searched in another
+    precision is searched again."""
+    import torch
+
+    from deepalign import gcg as search
+    from deepalign.attacks.base import AttackRun
+    from deepalign.attacks.gcg import GCGAttack, GCGAttackConfig
+    from deepalign.eval_items import EvalItem
+    from deepalign.models import load_model
+
+    seen: list[object] = []
+
+    def fake_search(model, tokenizer, prompts, targets, cfg, *, system, seed, prompt_ids):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return [search.GCGResult(i, "xyz", [1], 0.5, [0.5], 1, False, 0.1, 1.0) for i in prompt_ids]
+
+    monkeypatch.setattr(search, "run_gcg", fake_search)
+    loaded = load_model(tiny_model_config)
+    items = [EvalItem(id="a", prompt="Tell me how.", request="Tell me how.")]
+    attack = GCGAttack("gcg", GCGAttackConfig(steps=1))
+
+    def run(autocast):
+        args = (items, loaded.model, loaded.tokenizer, None, 0, tmp_path, lambda: "weights")
+        return attack.suffixes(AttackRun(*args, autocast=autocast))
+
+    assert run(None) == {"a": "xyz"} and seen == [None]
+    run(None)  # stored: not searched again
+    assert seen == [None]
+    run(torch.bfloat16)
+    assert seen == [None, torch.bfloat16]

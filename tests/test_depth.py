@@ -230,6 +230,7 @@ def test_read_refusals_from_json_jsonl_or_the_packaged_templates(tmp_path):
         ("analysis.depth_threshold=0", "analysis.depth_threshold"),
         ("analysis.refusals=missing.jsonl", "analysis.refusals"),
         ("analysis.refusals=refusals.txt", "analysis.refusals"),
+        ("analysis.dtype=float16", "analysis.dtype"),
     ],
 )
 def test_bad_depth_settings_fail_naming_the_key(override, key, tmp_path):
@@ -373,6 +374,31 @@ def test_analyze_without_a_reference_skips_kl_and_writes_the_recovery_curve(tiny
     line = tracker.lines["recovery/per_depth"]
     assert line["xs"] == [0, 8]
     assert line["ys"] == {"tiny": [d["mean"] for d in saved["depths"][:2]]}  # unrounded
+
+
+def test_analysis_dtype_bfloat16_runs_the_curve_under_autocast(tiny, tmp_path):
+    """`analysis.dtype=bfloat16`: the recovery curve is the one computed under bf16 autocast (close to, not
+    equal to, float32's)."""
+    model, tok = tiny
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"prompt": p, "harmful": h}) + "\n" for p, h in PAIRS))
+    refusals = tmp_path / "refusals.json"
+    refusals.write_text(json.dumps(REFUSALS))
+    overrides = ["model=tiny", "logger=none", "stages=[analyze]", f"eval.prompts={eval_file}"]
+    overrides += [
+        "analysis.recovery_depths=[0,8]",
+        f"analysis.refusals={refusals}",
+        "analysis.dtype=bfloat16",
+    ]
+    cli.run(compose_config(overrides), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "analysis" / "recovery.json").read_text())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = refusal_probability(model, tok, PAIRS, [0, 8], REFUSALS, progress=False)
+    exact = refusal_probability(model, tok, PAIRS, [0, 8], REFUSALS, progress=False)
+    for depth in saved["depths"]:
+        assert depth["values"] == pytest.approx(expected[depth["k"]], rel=1e-4, abs=0)
+        assert depth["values"] == pytest.approx(exact[depth["k"]], rel=0.1)
+    assert saved["depths"][0]["values"] != pytest.approx(exact[0], rel=1e-6, abs=0)
 
 
 def test_analyze_with_a_train_stage_reports_kl_tokens(tmp_path):

@@ -384,6 +384,21 @@ def test_checkpoints_resume_only_under_the_same_training_settings(chat_file, tmp
     assert list(tmp_path.glob("run/checkpoints-*/checkpoint-2"))
 
 
+def test_no_final_checkpoint_keeps_the_last_multiple_of_save_steps(chat_file, tmp_path):
+    """`train.final_checkpoint=false`: checkpoints at the multiples of save_steps only (none after the last
+    step, where the Trainer would write one); the trained model is saved and equals a run that wrote it."""
+    base = ["train.max_steps=3", "train.save_steps=2", f"paths.cache_dir={tmp_path / 'cache'}"]
+    cli.run(tiny_config(chat_file, *base), tmp_path / "with")
+    cli.run(tiny_config(chat_file, *base, "train.final_checkpoint=false"), tmp_path / "without")
+    names = {p.name for p in (tmp_path / "with" / "checkpoints").glob("checkpoint-*")}
+    assert names == {"checkpoint-2", "checkpoint-3"}
+    assert [p.name for p in (tmp_path / "without" / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+    a = load_file(tmp_path / "with" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "without" / "model" / "model.safetensors")
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, atol=0, rtol=0, msg=name)
+
+
 def test_train_attention_serves_training_and_the_reference_but_is_not_saved(chat_file, tmp_path, monkeypatch):
     """`train.attn_implementation` is the attention of the training steps and of the reference pass (so they
     agree at step 0), names the reference cache, and stays out of the saved model."""

@@ -29,6 +29,7 @@ class AttackRun:
     seed: int
     run_dir: Path
     model_id: Callable[[], str]  # names the weights (RunContext.model_id): keys stored searches
+    autocast: Any = None  # the torch dtype the engine generates under (None: the model's own): searches too
 
 
 class Attack:

@@ -1,7 +1,9 @@
 """The GCG attack type: adversarial suffixes searched first (deepalign/gcg.py), then one generation each.
 
-Suffixes are stored in `attacks/<name>.jsonl` as they are found; a stored suffix is reused only if it was
-searched on these weights, prompt(s), target(s), GCG settings, system prompt and seed.
+The search runs in the precision the answers are generated in (under the engine's autocast, e.g. bf16 where
+`generation.dtype=auto` chooses it). Suffixes are stored in `attacks/<name>.jsonl` as they are found; a
+stored suffix is reused only if it was searched on these weights, prompt(s), target(s), GCG settings,
+precision, system prompt and seed.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+
+import torch
 
 from deepalign import gcg as search
 from deepalign.artifacts import JsonlStore
@@ -49,6 +53,8 @@ class GCGAttack(Attack):
         targets = {i.id: i.target or search.default_target(i.request, cfg.target_template) for i in chosen}
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "type"}
         setting = [run.model_id(), settings, run.seed, run.system]
+        if run.autocast is not None:
+            setting.append(str(run.autocast))
 
         def search_id(searched: list[EvalItem]) -> str:
             blob = json.dumps([setting, [[i.prompt, targets[i.id]] for i in searched]], sort_keys=True)
@@ -58,16 +64,18 @@ class GCGAttack(Attack):
         stale = {k for k, v in wanted.items() if store.records.get(k, {}).get("search_id") != v}
         todo = chosen if cfg.universal and stale else [i for i in chosen if i.id in stale]
         if todo:
-            results = search.run_gcg(
-                run.model,
-                run.tokenizer,
-                [i.prompt for i in todo],
-                [targets[i.id] for i in todo],
-                cfg,
-                system=run.system,
-                seed=run.seed,
-                prompt_ids=[i.id for i in todo],
-            )
+            device = next(run.model.parameters()).device.type
+            with torch.autocast(device, dtype=run.autocast, enabled=run.autocast is not None):
+                results = search.run_gcg(
+                    run.model,
+                    run.tokenizer,
+                    [i.prompt for i in todo],
+                    [targets[i.id] for i in todo],
+                    cfg,
+                    system=run.system,
+                    seed=run.seed,
+                    prompt_ids=[i.id for i in todo],
+                )
             for r in results:
                 store.append([{"key": r.prompt_id, **vars(r), "search_id": wanted[r.prompt_id]}])
         if cfg.universal:

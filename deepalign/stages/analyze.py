@@ -15,14 +15,21 @@ at least k tokens long: `depth/recovery/k=N` and `depth/recovery/k=N/n`, `analys
 depth the mean, n and each pair's value), `analysis/recovery.png`. With `analysis.grad_positions`, also
 the per-position loss and gradient norm (paper Fig. 3): `loss/pos=N`, `grad_norm/pos=N`,
 `analysis/loss_grad.json`.
+
+`analysis.dtype`: the KL and the recovery curve in float32 (the default), under bf16 autocast, or `auto`
+(bf16 autocast where the machine's precision decision says it is faster, as for generation); the gradient
+analysis always in float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from deepalign.config import AnalysisConfig, DeepAlignConfig
 from deepalign.context import RunContext
@@ -30,8 +37,9 @@ from deepalign.data import DataError
 from deepalign.depth import kl_tokens, plot_recovery, read_refusals, refusal_probability
 from deepalign.eval_items import read_eval_items
 from deepalign.kl import per_position_loss_and_grad_norm, per_token_kl, plot_per_position
-from deepalign.models import check_model_folder, load_model, model_at
+from deepalign.models import check_model_folder, load_model, model_at, resolve_device
 from deepalign.plugins import register_stage
+from deepalign.precision import generation_autocast
 from deepalign.rundir import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -122,6 +130,31 @@ def recovery_analysis(ctx: RunContext, loaded, pairs: list[tuple[str, str]]) -> 
     return metrics
 
 
+def analysis_autocast(config: DeepAlignConfig) -> torch.dtype | None:
+    """The autocast dtype of `analysis.dtype` on this machine (None: float32)."""
+    a = config.analysis
+    if a.dtype == "float32":
+        return None
+    device = resolve_device(config.model.device)
+    return generation_autocast(a.dtype, torch.float32, device, config.paths.cache_dir)
+
+
+def autocast_context(config: DeepAlignConfig, model) -> contextlib.AbstractContextManager:
+    """torch.autocast in `analysis_autocast`'s dtype around the model's forward passes (none for float32, or
+    for weights not in float32)."""
+    cast = analysis_autocast(config)
+    device = next(model.parameters()).device
+    enabled = cast is not None and next(model.parameters()).dtype == torch.float32
+    return torch.autocast(device.type, dtype=cast, enabled=enabled)
+
+
+def resolved_analysis_dtype(ctx: RunContext) -> dict[str, Any]:
+    """For the stage's fingerprint: what `analysis.dtype=auto` resolves to on this machine."""
+    if ctx.config.analysis.dtype != "auto":
+        return {}
+    return {"analysis_autocast": str(analysis_autocast(ctx.config))}
+
+
 def check_analyze(config: DeepAlignConfig) -> None:
     """What the stage needs of the config: harmful prompts (then `analysis.check`, its section's own; without
     a reference or a train stage the stage skips the KL: the model is its own reference)."""
@@ -142,6 +175,7 @@ def preflight_analyze(config: DeepAlignConfig, tokenizer: Callable[[], Any]) -> 
     key="analysis",
     check=check_analyze,
     preflight=preflight_analyze,
+    fingerprint=resolved_analysis_dtype,
 )
 def run_analyze(ctx: RunContext) -> dict[str, float]:
     cfg = ctx.config
@@ -160,9 +194,11 @@ def run_analyze(ctx: RunContext) -> dict[str, float]:
             "model is its own reference (KL 0), per-token KL skipped"
         )
     else:
-        metrics.update(kl_analysis(ctx, loaded, pairs))
+        with autocast_context(cfg, loaded.model):
+            metrics.update(kl_analysis(ctx, loaded, pairs))
     if a.recovery_depths:
-        metrics.update(recovery_analysis(ctx, loaded, pairs))
+        with autocast_context(cfg, loaded.model):
+            metrics.update(recovery_analysis(ctx, loaded, pairs))
     if a.grad_positions:
         model = loaded.model
         model.zero_grad(set_to_none=True)

@@ -286,7 +286,8 @@ def run_attack(ctx: RunContext) -> dict[str, float]:
         attack.check(items, lambda: tokenizer, system=system)
     engine = make_engine(cfg.generation, loaded, model_path=ctx.model_path())
     base = default_params(cfg.generation)
-    run = AttackRun(items, loaded.model, tokenizer, system, cfg.seed, ctx.run_dir, ctx.model_id)
+    autocast = getattr(engine, "autocast", None)  # the HF engine's; vLLM generates in its own copy
+    run = AttackRun(items, loaded.model, tokenizer, system, cfg.seed, ctx.run_dir, ctx.model_id, autocast)
     metrics: dict[str, float] = {"attack/eval_items": len(items)}
     main = primary_judge(cfg.judge, cfg.eval.primary_judge)
     generations: list[dict] = []

@@ -250,14 +250,18 @@ def evaluated_model(config: DeepAlignConfig, run_dir: Path) -> ModelConfig:
     return trained_model(config.model, run_dir / saved[-1]) if saved else config.model
 
 
-def margin(model: ModelConfig, data_dir: Path) -> float:
-    """The first-token margin (refusal vs harmful start) of `model` on the evaluation pairs."""
+def margin(config: DeepAlignConfig, model: ModelConfig, data_dir: Path) -> float:
+    """The first-token margin (refusal vs harmful start) of `model` on the evaluation pairs, in the
+    precision of `analysis.dtype`."""
     from deepalign.kl import first_token_margin
     from deepalign.models import load_model
+    from deepalign.stages.analyze import autocast_context
 
     loaded = load_model(model)
     pairs = [(r["prompt"], r["harmful"]) for _, r in read_rows(str(data_dir / "eval_harmful.jsonl"), "eval")]
-    return round(first_token_margin(loaded.model, loaded.tokenizer, pairs, refusal_templates()), 4)
+    with autocast_context(config, loaded.model):
+        value = first_token_margin(loaded.model, loaded.tokenizer, pairs, refusal_templates())
+    return round(value, 4)
 
 
 # its fingerprint: the whole config (it derives whole sub-runs from it)
@@ -304,7 +308,7 @@ def run_quickstart(ctx: RunContext) -> dict[str, float]:
         metrics[f"time/quickstart/{name}_s"] = round(seconds, 1)
     start, work = time.perf_counter(), gflop_so_far()
     for name in names:
-        metrics[f"{name}/margin/first_token"] = margin(models[name], data_dir)
+        metrics[f"{name}/margin/first_token"] = margin(ctx.config, models[name], data_dir)
     metrics["time/quickstart/margin_s"] = round(time.perf_counter() - start, 1)
     metrics["flops/quickstart/margin_gflop"] = round(gflop_so_far() - work, 1)
     rate, dtype = machine_gflops(ctx.config.paths.cache_dir)
