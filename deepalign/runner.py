@@ -26,7 +26,7 @@ from deepalign.fingerprint import config_fingerprint
 from deepalign.flops import gflop_so_far
 from deepalign.judges.base import failed_judgments
 from deepalign.launch import end_process_group, launch, process_rank, world_size
-from deepalign.memory import PeakMemory
+from deepalign.memory import PeakMemory, release_memory
 from deepalign.plugins import STAGES
 from deepalign.rundir import (
     MetricsFile,
@@ -199,7 +199,9 @@ def _run(
             ctx.finished.pop(name, None)
             ctx.finished[name] = None
             if spec.model_dir:
-                ctx.forget_model()  # later stages load the model it saved
+                ctx.forget_model()  # later stages load the model it saved, and the memory goes back
+            else:
+                release_memory()  # what the stage freed (engines, caches) goes back before the next one
             if distributed and i == last_all_ranks:
                 end_process_group()  # the ranks part here; rank 0 runs the rest on its own
             if not main_process:

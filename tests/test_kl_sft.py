@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from conftest import compose_config
+from test_training import tiny_config, write_chats
 
 from deepalign import cli
 from deepalign.errors import ConfigError
@@ -124,33 +125,8 @@ def test_yaml_holds_the_default():
     assert cfg.loss.name == "kl_sft" and cfg.loss.params.kl_coef == 1.0
 
 
-def write_chats(path, n: int = 16):
-    """Short chats: a question and a few words of answer (the training tests' pattern)."""
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
-    rows = [
-        {"prompt": f"Question {i}: list some words.", "response": " ".join(words[i % 5 : i % 5 + 4 + i % 7])}
-        for i in range(n)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _run(chat_file, run_dir, cache, *overrides: str) -> dict[str, float]:
-    cfg = compose_config(
-        [
-            "model=tiny",
-            "logger=none",
-            "loss=kl_sft",
-            "stages=[train]",
-            "data=chat_file",
-            f"data.components.chat.source={chat_file}",
-            "data.max_length=64",
-            "train.per_device_batch_size=4",
-            "train.optimizer.lr=1e-3",
-            f"paths.cache_dir={cache}",
-            *overrides,
-        ]
-    )
+    cfg = tiny_config(chat_file, "loss=kl_sft", f"paths.cache_dir={cache}", *overrides)
     return cli.run(cfg, run_dir)
 
 

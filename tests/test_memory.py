@@ -68,3 +68,18 @@ def test_release_memory_returns_freed_heap_pages():
     after = rss_kib()
     assert grown - start > 300 * 1024
     assert after - start < 50 * 1024, f"{(after - start) / 1024:.0f} MiB still resident"
+
+
+def test_the_runner_hands_memory_back_after_every_stage(tmp_path, monkeypatch):
+    """After a stage that saved no model the runner returns what the stage freed (engines, caches,
+    activations) before the next stage starts (after a model-saving stage, `forget_model` does)."""
+    from conftest import compose_config
+
+    from deepalign import cli, runner
+    from deepalign.context import RunContext
+
+    calls: list[str] = []
+    monkeypatch.setattr(runner, "release_memory", lambda: calls.append("runner"))
+    monkeypatch.setattr(RunContext, "forget_model", lambda self: calls.append("forget"))
+    cli.run(compose_config(["model=tiny", "logger=none", "stages=[probe]"]), tmp_path / "run")
+    assert calls == ["runner"]

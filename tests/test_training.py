@@ -238,14 +238,8 @@ def _free_port() -> int:
 def _train_cmd(chat_file: Path, run_dir: Path, cache: Path, *extra: str) -> list[str]:
     return [
         str(Path(sys.executable).parent / "deepalign"),
-        "model=tiny",
-        "logger=none",
-        "stages=[train]",
-        "data=chat_file",
-        f"data.components.chat.source={chat_file}",
-        "data.max_length=64",
-        "train.per_device_batch_size=2",
-        "train.optimizer.lr=1e-3",
+        *tiny_overrides(chat_file),
+        "train.per_device_batch_size=2",  # overrides the shared 4 (the last value wins)
         "train.max_steps=8",
         "train.save_steps=2",
         "loss=constrained",
