@@ -39,8 +39,9 @@ from deepalign.config import ConfigError, register_configs, validate
 from deepalign.data import DataError
 from deepalign.objective import check_objective, objective_value
 from deepalign.plugins import describe, load_plugins
-from deepalign.rundir import RunDirError, redact, redact_logs, scrub_run_dir
+from deepalign.rundir import RunDirError
 from deepalign.runner import Terminated, preflight, run, start_workers
+from deepalign.storage.redaction import redact, redact_logs, scrub_run_dir
 
 __all__ = ["main", "run", "start_workers"]
 OmegaConf.register_new_resolver("deepalign_components", describe, replace=True)  # for --help

@@ -8,9 +8,9 @@ import hashlib
 import json
 import logging
 
-from deepalign.artifacts import JsonlStore
 from deepalign.eval_items import EvalItem, Variant, build_requests
 from deepalign.generation import GenerationRequest
+from deepalign.storage.jsonl import JsonlStore
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from deepalign.config import LauncherConfig
-from deepalign.rundir import redact, write_json_atomic
+from deepalign.storage.atomic import write_json_atomic
+from deepalign.storage.redaction import redact
 
 log = logging.getLogger(__name__)
 

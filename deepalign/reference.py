@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from deepalign.chat import EncodedChat
 from deepalign.config import ModelConfig
-from deepalign.fingerprint import folder_digest
 from deepalign.logprobs import LOGPROB_CHUNK_MIB, pad_batch, target_logprobs
+from deepalign.storage.digests import folder_digest
 
 log = logging.getLogger(__name__)
 

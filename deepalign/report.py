@@ -10,8 +10,8 @@ from pathlib import Path
 from deepalign.depth import plot_recovery
 from deepalign.judges.base import FAILED
 from deepalign.kl import PositionStats, plot_per_position
-from deepalign.rundir import write_text_atomic
 from deepalign.stats import mcnemar_exact
+from deepalign.storage.atomic import write_text_atomic
 
 PREFILL = re.compile(r"^asr/prefill/k=(\d+)$")
 DEPTH = re.compile(r"^asr[^/]*/([^/]+)/k=(\d+)$")  # a depth variant of any prefill instance

@@ -28,16 +28,9 @@ from deepalign.judges.base import failed_judgments
 from deepalign.launch import end_process_group, launch, process_rank, world_size
 from deepalign.memory import PeakMemory, release_memory
 from deepalign.plugins import STAGES
-from deepalign.rundir import (
-    MetricsFile,
-    environment_record,
-    lock_run_dir,
-    read_stage_state,
-    redact,
-    scrub_files,
-    write_json_atomic,
-    write_text_atomic,
-)
+from deepalign.rundir import MetricsFile, environment_record, lock_run_dir, read_stage_state
+from deepalign.storage.atomic import write_json_atomic, write_text_atomic
+from deepalign.storage.redaction import redact, scrub_files
 from deepalign.tracking import start_tracker
 
 log = logging.getLogger("deepalign")

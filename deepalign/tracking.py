@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from deepalign.config import LoggerConfig
-from deepalign.rundir import redact
+from deepalign.storage.redaction import redact
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from deepalign.losses.forward import check_adapter, loss_inputs
 from deepalign.losses.inputs import call_loss, loss_output
 from deepalign.plugins import LOSSES
 from deepalign.precision import train_bf16
-from deepalign.rundir import write_text_atomic
+from deepalign.storage.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 IGNORE = -100

@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from deepalign.config import ConfigError, schema
 from deepalign.data import DataError
 from deepalign.launch import process_rank, read_payload
-from deepalign.rundir import RunDirError, redact, redact_logs
+from deepalign.rundir import RunDirError
+from deepalign.storage.redaction import redact, redact_logs
 
 FORMAT = "[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s"
 

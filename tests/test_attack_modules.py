@@ -13,7 +13,6 @@ import pytest
 from conftest import compose_config
 
 from deepalign import cli, plugins
-from deepalign.artifacts import JsonlStore
 from deepalign.attacks.base import build_attacks
 from deepalign.attacks.decoding import DecodingAttackConfig
 from deepalign.attacks.none import NoAttackConfig
@@ -22,6 +21,7 @@ from deepalign.attacks.template import TemplateAttackConfig
 from deepalign.config import ConfigError, validate
 from deepalign.depth import depth_metrics
 from deepalign.plugins import ATTACKS
+from deepalign.storage.jsonl import JsonlStore
 
 REQUESTS = [f"Please answer request {i}." for i in range(3)]
 

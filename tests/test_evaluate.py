@@ -19,7 +19,6 @@ from test_kl import direct_loss_and_grad_norm
 from transformers import AutoModelForCausalLM
 
 from deepalign import cli
-from deepalign.artifacts import JsonlStore
 from deepalign.attacks.base import Attack, unique_variants
 from deepalign.attacks.decoding import DecodingAttackConfig as DecodingAttack
 from deepalign.attacks.decoding import decoding_grid
@@ -32,6 +31,7 @@ from deepalign.judges import REFUSAL_LISTS
 from deepalign.models import load_model
 from deepalign.plugins import ATTACKS, PluginError, register_attack
 from deepalign.stages import attack as attack_stage
+from deepalign.storage.jsonl import JsonlStore
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau"
 HARMFUL = f"Sure, here is the list: {WORDS} {WORDS} {WORDS}."  # a neutral placeholder, 60+ tokens

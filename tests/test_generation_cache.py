@@ -13,7 +13,6 @@ import torch
 from conftest import compose_config
 from test_generation import PROMPTS as GENERATION_PROMPTS
 
-from deepalign.artifacts import JsonlStore
 from deepalign.chat import encode_for_generation
 from deepalign.config import ConfigError, validate
 from deepalign.eval_items import EvalItem, Variant
@@ -27,6 +26,7 @@ from deepalign.generation import (
 )
 from deepalign.generation_store import computation_id, generate_variant
 from deepalign.models import load_model
+from deepalign.storage.jsonl import JsonlStore
 
 PROMPTS = GENERATION_PROMPTS[:5]  # prompts of different lengths: the batches are left-padded
 GREEDY = SamplingParams(max_new_tokens=10)

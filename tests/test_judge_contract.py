@@ -15,12 +15,12 @@ from conftest import compose_config
 from fake_api import KEY_ENV, serve_fake_api
 
 from deepalign import runner
-from deepalign.artifacts import JsonlStore
 from deepalign.config import validate
 from deepalign.judges import JudgeBase, JudgeContractError, JudgeItem, Judgment
 from deepalign.judges.base import failed_judgments
 from deepalign.report import failed_judgments_note
 from deepalign.stages.attack import failure_counts, generation_digest, judge_store, success_rates
+from deepalign.storage.jsonl import JsonlStore
 
 
 class ScriptedJudge(JudgeBase):

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
-from deepalign.artifacts import JsonlStore
 from deepalign.config import validate
+from deepalign.storage.jsonl import JsonlStore
 
 CHATS = [
     {"prompt": f"Question {i}: what is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."}

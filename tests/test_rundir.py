@@ -1,4 +1,5 @@
-"""deepalign/rundir.py (secrets, atomic files, metrics.json, env record) and deepalign/tracking.py."""
+"""deepalign/rundir.py (metrics.json, env record, stages.json, the lock), deepalign/storage/redaction.py
+(secrets), deepalign/storage/atomic.py (atomic files) and deepalign/tracking.py."""
 
 from __future__ import annotations
 
@@ -19,20 +20,23 @@ from conftest import compose_config
 from deepalign import rundir
 from deepalign.config import LoggerConfig, validate
 from deepalign.rundir import (
-    REDACTED,
     MetricsFile,
     RunDirError,
     environment_record,
     git_commit,
     lock_run_dir,
     read_stage_state,
+)
+from deepalign.storage import atomic
+from deepalign.storage.atomic import write_json_atomic, write_text_atomic
+from deepalign.storage.redaction import (
+    REDACTED,
+    RedactingFilter,
     redact,
     scrub_file,
     scrub_files,
     scrub_run_dir,
     secret_values,
-    write_json_atomic,
-    write_text_atomic,
 )
 from deepalign.tracking import NullTracker, WandbTracker, start_tracker
 
@@ -198,7 +202,7 @@ def test_failed_replace_keeps_the_old_file_and_no_temp_file(tmp_path, monkeypatc
     def broken_replace(src, dst):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(rundir.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk on fire"):
         write_json_atomic(path, {"new": 2})
     assert path.read_bytes() == old
@@ -213,7 +217,7 @@ def test_failed_write_keeps_the_old_file_and_no_temp_file(tmp_path, monkeypatch)
     def broken_fsync(fd):
         raise OSError("fsync failed")
 
-    monkeypatch.setattr(rundir.os, "fsync", broken_fsync)
+    monkeypatch.setattr(atomic.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="fsync failed"):
         write_text_atomic(path, "new: true\n")
     assert path.read_text() == "old: true\n"
@@ -539,7 +543,7 @@ def test_scrub_run_dir_covers_the_records_hydra_and_the_sweep(tmp_path):
 def test_log_records_and_tracebacks_are_redacted(tmp_path, fake_secrets):
     import logging
 
-    from deepalign.rundir import redact_logs
+    from deepalign.storage.redaction import redact_logs
 
     root = logging.getLogger()
     handler = logging.FileHandler(tmp_path / "deepalign.log")
@@ -547,7 +551,7 @@ def test_log_records_and_tracebacks_are_redacted(tmp_path, fake_secrets):
     try:
         redact_logs()
         redact_logs()  # once per handler
-        assert sum(isinstance(f, rundir.RedactingFilter) for f in handler.filters) == 1
+        assert sum(isinstance(f, RedactingFilter) for f in handler.filters) == 1
         logger = logging.getLogger("deepalign.test")
         logger.warning("calling %s with %s", "http://alice:pw123456@host/v1", fake_secrets["HF_TOKEN"])
         try:

@@ -13,7 +13,6 @@ from conftest import compose_config
 from safetensors.torch import load_file
 
 from deepalign import cli
-from deepalign.artifacts import JsonlStore
 from deepalign.config import ConfigError, validate
 from deepalign.models import load_model
 from deepalign.stages.safelora import (
@@ -24,6 +23,7 @@ from deepalign.stages.safelora import (
     selected_weights,
     similarity,
 )
+from deepalign.storage.jsonl import JsonlStore
 
 SELECTED = [f"model.layers.{i}.self_attn.{m}_proj.weight" for i in range(2) for m in ("q", "v")]
 KEPT = SELECTED[0]  # the one layer whose fine-tuning update lies along the alignment direction

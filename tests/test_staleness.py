@@ -13,16 +13,18 @@ import pytest
 from conftest import compose_config, replace_stage
 from omegaconf import OmegaConf
 
-from deepalign import cli, fingerprint, runner
-from deepalign.artifacts import JsonlStore
+from deepalign import cli, runner
 from deepalign.attacks.base import Attack
 from deepalign.config import validate
-from deepalign.fingerprint import DigestCache, config_fingerprint
+from deepalign.fingerprint import config_fingerprint
 from deepalign.generation import GenerationResult, GenerationStats
 from deepalign.models import load_model
 from deepalign.plugins import ATTACKS, STAGES, ComponentSpec
 from deepalign.reference import model_fingerprint
 from deepalign.stages import attack as attack_stage
+from deepalign.storage import digests
+from deepalign.storage.digests import DigestCache
+from deepalign.storage.jsonl import JsonlStore
 
 HARMFUL = "Sure, here is the list: " + " ".join(["alpha beta gamma delta epsilon"] * 4) + "."
 TINY = ["model=tiny", "+model.arch.initializer_range=0.3"]
@@ -271,25 +273,25 @@ def test_a_long_text_value_is_not_taken_for_a_path():
 
 
 def test_file_digests_are_cached_by_stat_and_follow_content(tmp_path, monkeypatch):
-    monkeypatch.setattr(fingerprint, "_memo", {})
+    monkeypatch.setattr(digests, "_memo", {})
     path, cache = tmp_path / "weights.bin", tmp_path / "cache"
     path.write_bytes(b"weights one")
     read = []
-    sha = fingerprint._sha256
-    monkeypatch.setattr(fingerprint, "_sha256", lambda p: read.append(p.name) or sha(p))
-    first = fingerprint.file_digest(path, cache)
+    sha = digests._sha256
+    monkeypatch.setattr(digests, "_sha256", lambda p: read.append(p.name) or sha(p))
+    first = digests.file_digest(path, cache)
     stored = json.loads((cache / "digests.json").read_text())
     assert stored[str(path.resolve())][3] == first and read == ["weights.bin"]
-    monkeypatch.setattr(fingerprint, "_memo", {})  # another process: the JSON file alone
-    assert fingerprint.file_digest(path, cache) == first and len(read) == 1, "an unchanged file is read once"
+    monkeypatch.setattr(digests, "_memo", {})  # another process: the JSON file alone
+    assert digests.file_digest(path, cache) == first and len(read) == 1, "an unchanged file is read once"
     copy = tmp_path / "copy.bin"
     copy.write_bytes(path.read_bytes())
     os.replace(copy, path)  # re-saved identical: new inode and time
-    assert fingerprint.file_digest(path, cache) == first and len(read) == 2
+    assert digests.file_digest(path, cache) == first and len(read) == 2
     path.write_bytes(b"weights two")
-    assert fingerprint.file_digest(path, cache) != first
-    with DigestCache(None) as digests:  # no cache dir: this process only
-        assert digests.file(path) == fingerprint.file_digest(path, cache)
+    assert digests.file_digest(path, cache) != first
+    with DigestCache(None) as in_process:  # no cache dir: this process only
+        assert in_process.file(path) == digests.file_digest(path, cache)
 
 
 def test_reference_cache_key_follows_weights_not_file_times(tmp_path):

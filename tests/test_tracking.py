@@ -11,10 +11,10 @@ import pytest
 from conftest import compose_config
 
 from deepalign import cli, runner
-from deepalign.artifacts import JsonlStore
 from deepalign.kl import PositionStats
 from deepalign.report import write_report
 from deepalign.stages import analyze as analyze_stage
+from deepalign.storage.jsonl import JsonlStore
 from deepalign.tracking import NullTracker
 
 HARMFUL = "Sure, here is the list: alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi."

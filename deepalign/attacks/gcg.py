@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from deepalign import gcg as search
-from deepalign.artifacts import JsonlStore
 from deepalign.attacks.base import Attack, AttackRun
 from deepalign.config import check
 from deepalign.eval_items import EvalItem, Variant
 from deepalign.generation import SamplingParams
 from deepalign.plugins import register_attack
+from deepalign.storage.jsonl import JsonlStore
 
 
 @dataclass

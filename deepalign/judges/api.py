@@ -24,7 +24,7 @@ from typing import Any
 
 from deepalign.errors import ConfigError
 from deepalign.judges.base import EMPTY_RULE, JudgeBase, JudgeItem, Judgment, judged_text
-from deepalign.rundir import write_text_atomic
+from deepalign.storage.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 

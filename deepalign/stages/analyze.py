@@ -40,7 +40,7 @@ from deepalign.kl import per_position_loss_and_grad_norm, per_token_kl, plot_per
 from deepalign.models import check_model_folder, load_model, model_at, resolve_device
 from deepalign.plugins import register_stage
 from deepalign.precision import generation_autocast
-from deepalign.rundir import write_json_atomic
+from deepalign.storage.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,6 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from deepalign.artifacts import JsonlStore
 from deepalign.attacks.base import AttackRun, build_attacks, unique_variants
 from deepalign.config import DeepAlignConfig, check
 from deepalign.context import RunContext
@@ -43,8 +42,9 @@ from deepalign.generation_store import generate_variants, throughput
 from deepalign.judges import JudgeItem, build_judges, check_judges, primary_judge
 from deepalign.judges.base import FAILED
 from deepalign.plugins import register_stage
-from deepalign.rundir import write_json_atomic
 from deepalign.stats import agreement, cohen_kappa, wilson_interval
+from deepalign.storage.atomic import write_json_atomic
+from deepalign.storage.jsonl import JsonlStore
 
 log = logging.getLogger(__name__)
 

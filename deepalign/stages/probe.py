@@ -18,7 +18,7 @@ from deepalign.context import RunContext
 from deepalign.data import read_component
 from deepalign.logprobs import pad_batch, target_logprobs
 from deepalign.plugins import register_stage
-from deepalign.rundir import write_text_atomic
+from deepalign.storage.atomic import write_text_atomic
 
 
 def load_chats(name: str) -> list[dict[str, str]]:

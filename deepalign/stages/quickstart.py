@@ -32,7 +32,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from deepalign.artifacts import JsonlStore
 from deepalign.chat import response_tokens
 from deepalign.config import (
     DeepAlignConfig,
@@ -53,7 +52,8 @@ from deepalign.judges.keyword import REFUSAL_LISTS, find_refusal
 from deepalign.memory import PeakMemory, release_memory, rss_kib
 from deepalign.models import trained_model
 from deepalign.plugins import ATTACKS, STAGES, register_stage
-from deepalign.rundir import write_text_atomic
+from deepalign.storage.atomic import write_text_atomic
+from deepalign.storage.jsonl import JsonlStore
 
 log = logging.getLogger(__name__)
 HARVEST_THROUGHPUT = "throughput/harvest/gen_tokens_per_s"

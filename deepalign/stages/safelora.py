@@ -31,7 +31,7 @@ from deepalign.config import ConfigError, ModelConfig, check
 from deepalign.context import RunContext
 from deepalign.models import DTYPES, check_model_folder, load_model
 from deepalign.plugins import register_stage
-from deepalign.rundir import write_json_atomic
+from deepalign.storage.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from deepalign.models import resolve_device
 from deepalign.plugins import LOSSES, register_stage
 from deepalign.precision import train_bf16
 from deepalign.reference import cached_reference_logps, model_fingerprint
-from deepalign.rundir import write_json_atomic, write_text_atomic
+from deepalign.storage.atomic import write_json_atomic, write_text_atomic
 from deepalign.training import TokenDataset, TokensAtStart, train
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-from deepalign.artifacts import JsonlStore
 from deepalign.config import DataComponent, DeepAlignConfig, UtilityConfig, check, check_local_source
 from deepalign.context import RunContext
 from deepalign.data import read_component, read_rows, task_chat
@@ -20,6 +19,7 @@ from deepalign.generation_store import generate_variant, throughput
 from deepalign.judges import JudgeItem, KeywordJudgeConfig
 from deepalign.judges import KeywordJudge as KeywordRefusal
 from deepalign.plugins import register_stage
+from deepalign.storage.jsonl import JsonlStore
 from deepalign.utility import gsm8k_accuracy, rouge1_f
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""Append-only JSONL artifacts keyed by item, so an interrupted stage resumes without redoing finished items.
+"""JsonlStore: append-only JSONL artifacts keyed by item, so an interrupted stage resumes without redoing
+finished items.
 
 Each line is one finished item with a `key`. Lines are appended and flushed batch by batch; on reopening, a
 torn or corrupt line (a kill mid-write) is dropped and the file rewritten without it, so it is recomputed.
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from deepalign.rundir import write_text_atomic
+from deepalign.storage.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
