@@ -188,16 +188,16 @@ def run_analyze(ctx: RunContext) -> dict[str, float]:
     loaded = ctx.model()
     a = cfg.analysis
     metrics: dict[str, float] = {}
-    if a.reference is None and not ctx.producers(before="analyze"):
+    with_kl = a.reference is not None or bool(ctx.producers(before="analyze"))
+    if not with_kl:
         log.info(
             "analyze: no analysis.reference and no model-saving stage (train, a defence) before it: the "
             "model is its own reference (KL 0), per-token KL skipped"
         )
-    else:
-        with autocast_context(cfg, loaded.model):
+    with autocast_context(cfg, loaded.model):
+        if with_kl:
             metrics.update(kl_analysis(ctx, loaded, pairs))
-    if a.recovery_depths:
-        with autocast_context(cfg, loaded.model):
+        if a.recovery_depths:
             metrics.update(recovery_analysis(ctx, loaded, pairs))
     if a.grad_positions:
         model = loaded.model
